@@ -1,0 +1,98 @@
+//! Identifiers: document ids (16 random bytes printed in base58check, as automerge-repo prints
+//! them, so ids map one to one) and device ids.
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// A document id: 16 bytes, shown in base58check.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DocId(pub [u8; 16]);
+
+impl DocId {
+    /// A fresh random id.
+    pub fn random() -> DocId {
+        DocId(rand::random())
+    }
+
+    /// The raw bytes.
+    pub fn as_bytes(&self) -> &[u8; 16] {
+        &self.0
+    }
+}
+
+impl fmt::Display for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&bs58::encode(self.0).with_check().into_string())
+    }
+}
+
+impl fmt::Debug for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DocId({self})")
+    }
+}
+
+/// Why a string is not a document id.
+#[derive(Debug, thiserror::Error)]
+#[error("'{0}' is not a document id (expected base58check of 16 bytes)")]
+pub struct BadDocId(pub String);
+
+impl FromStr for DocId {
+    type Err = BadDocId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bytes = bs58::decode(s)
+            .with_check(None)
+            .into_vec()
+            .map_err(|_| BadDocId(s.to_string()))?;
+        let arr: [u8; 16] = bytes.try_into().map_err(|_| BadDocId(s.to_string()))?;
+        Ok(DocId(arr))
+    }
+}
+
+/// A device (store) identity: 16 random bytes made when a store is first created. It is also
+/// the Automerge actor id of every change the device makes (see docs/architecture.md,
+/// "Identity").
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct DeviceId(pub [u8; 16]);
+
+impl DeviceId {
+    /// A fresh random device id.
+    pub fn random() -> DeviceId {
+        DeviceId(rand::random())
+    }
+
+    /// The Automerge actor this device writes as.
+    pub fn actor(&self) -> automerge::ActorId {
+        automerge::ActorId::from(&self.0[..])
+    }
+}
+
+impl fmt::Display for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for DeviceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "DeviceId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doc_id_round_trips_through_base58check() {
+        let id = DocId::random();
+        let s = id.to_string();
+        assert_eq!(s.parse::<DocId>().unwrap(), id);
+        assert!("not-an-id".parse::<DocId>().is_err());
+        let mut broken = s.clone();
+        broken.pop();
+        assert!(broken.parse::<DocId>().is_err());
+    }
+}

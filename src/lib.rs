@@ -1,0 +1,49 @@
+//! tandem: an offline-first sync engine.
+//!
+//! Every entity (a note, a task) is one [Automerge](https://automerge.org) document, persisted
+//! on the device in sled. Reads and writes work with no network at all; a background task
+//! exchanges changes with a relay when one is reachable.
+//!
+//! The embedding API is [`Repo`]:
+//!
+//! ```
+//! use tandem::{Repo, Schema};
+//! use serde_json::json;
+//!
+//! let schema = Schema::from_toml(r#"
+//!     version = 1
+//!     [types.note]
+//!     title = "critical"
+//!     body = "text"
+//!     views = "counter"
+//! "#).unwrap();
+//! let repo = Repo::in_memory(schema, "ada").unwrap();
+//! let id = repo.create("note", json!({"title": "Groceries", "body": "milk"})).unwrap();
+//! repo.change(&id, |tx| {
+//!     tx.increment("views", 1)?;
+//!     tx.splice_text("body", 4, 0, ", eggs")
+//! }).unwrap();
+//! assert_eq!(repo.get(&id).unwrap().value["body"], "milk, eggs");
+//! ```
+//!
+//! Layers, each described by what it may not do:
+//! - [`crdt`]: the Automerge-facing rules (schema, merge strategies, conflicts, migrations,
+//!   history). No I/O.
+//! - [`store`]: persistence (journal, chunked snapshots, outbox). Knows nothing of the network.
+//! - [`repo`]: ties the two together behind [`Repo`]; the only layer that owns documents in
+//!   memory on a device.
+//!
+//! See `docs/architecture.md` for the whole picture.
+
+pub mod crdt;
+pub mod error;
+pub mod ids;
+pub mod repo;
+pub mod store;
+
+pub use crdt::history::{ChangeInfo, FieldDiff};
+pub use crdt::schema::{Schema, Strategy};
+pub use crdt::{ConflictVersion, FieldConflict};
+pub use error::Error;
+pub use ids::{DeviceId, DocId};
+pub use repo::{Applied, DocStatus, Entity, Event, Origin, Repo, RepoOptions, Tx};

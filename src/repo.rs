@@ -1,0 +1,947 @@
+//! [`Repo`]: the embedding API. It owns the store and the documents loaded in memory, runs
+//! every local write as "commit the Automerge transaction, persist the change, meta and outbox
+//! entry in one batch, flush, then announce", and applies remote changes the same way.
+//!
+//! Local operations are plain synchronous calls: they are fast, and an editor calls them from
+//! its UI thread. Events arrive on a bounded broadcast channel ([`Repo::subscribe`]) that the
+//! app can poll (`try_recv`), block on (`blocking_recv`) or await (`recv`).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use automerge::transaction::{CommitOptions, Transactable};
+use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ROOT};
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use crate::crdt::history::{self, ChangeInfo, FieldDiff, FindChange};
+use crate::crdt::schema::Schema;
+use crate::crdt::{self, migrate, EntityError, FieldConflict, View, Writer};
+use crate::error::Error;
+use crate::ids::{DeviceId, DocId};
+use crate::store::{DocMeta, Store, StoreError, StoreOptions};
+
+/// The namespace of documents created without one.
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+/// The largest Automerge file `import` accepts (Automerge inflates compressed data without a
+/// bound of its own, so the input is bounded before it parses anything).
+pub const MAX_IMPORT_BYTES: usize = 256 << 20;
+
+/// How a [`Repo`] is opened.
+#[derive(Clone, Debug)]
+pub struct RepoOptions {
+    /// The name recorded as the author of this device's changes.
+    pub author: String,
+    /// The schema; `None` reads and writes documents as they are (no lenses, no checks).
+    pub schema: Option<Schema>,
+    pub store: StoreOptions,
+    /// Compact a document's journal into a snapshot after this many changes...
+    pub compact_after_changes: u64,
+    /// ...or this many bytes.
+    pub compact_after_bytes: u64,
+    /// How many documents stay loaded in memory when not in use.
+    pub cache_docs: usize,
+}
+
+impl RepoOptions {
+    pub fn new(author: impl Into<String>) -> Self {
+        RepoOptions {
+            author: author.into(),
+            schema: None,
+            store: StoreOptions::default(),
+            compact_after_changes: 1000,
+            compact_after_bytes: 8 << 20,
+            cache_docs: 256,
+        }
+    }
+
+    pub fn schema(mut self, schema: Schema) -> Self {
+        self.schema = Some(schema);
+        self
+    }
+}
+
+/// Where a change came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    Local,
+    Remote,
+}
+
+/// Something that happened in the repo. Sent only after it is durable.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Event {
+    /// A document changed; `heads` are its new heads (hex).
+    Changed {
+        doc: DocId,
+        origin: Origin,
+        heads: Vec<String>,
+    },
+    /// A field's concurrent values started to differ.
+    ConflictOpened { doc: DocId, field: String },
+    /// A field in conflict now has one value.
+    ConflictResolved { doc: DocId, field: String },
+    /// A document's status changed.
+    Status { doc: DocId, status: DocStatus },
+}
+
+/// The sync status of one document.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum DocStatus {
+    /// Every local change is acknowledged by a relay and nothing is being transferred.
+    Synced,
+    /// A transfer is in flight: `done` of `total` bytes.
+    Syncing { done: u64, total: u64 },
+    /// Local changes no relay has acknowledged yet.
+    Pending { changes: u64, oldest_age_ms: u64 },
+    /// Critical fields whose concurrent values differ.
+    Conflict { fields: Vec<String> },
+}
+
+impl DocStatus {
+    /// The one-word form: conflict, syncing, pending or synced.
+    pub fn word(&self) -> &'static str {
+        match self {
+            DocStatus::Synced => "synced",
+            DocStatus::Syncing { .. } => "syncing",
+            DocStatus::Pending { .. } => "pending",
+            DocStatus::Conflict { .. } => "conflict",
+        }
+    }
+}
+
+/// An entity as read: its fields as JSON, with the fields in conflict flagged.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Entity {
+    pub id: DocId,
+    #[serde(rename = "type")]
+    pub ty: String,
+    pub namespace: String,
+    /// Schema version the document is at.
+    pub schema: u64,
+    /// Fields by today's names; a conflicted register shows its provisional winner.
+    pub value: serde_json::Value,
+    /// Critical fields whose concurrent values differ.
+    pub conflicts: Vec<String>,
+    pub deleted: bool,
+    /// Current heads (hex).
+    pub heads: Vec<String>,
+}
+
+/// A local change in progress: the methods check each write against the schema; returning an
+/// error from the closure given to [`Repo::change`] discards the whole change.
+pub struct Tx<'t, 'd> {
+    writer: Writer<'t, 'd>,
+    message: Option<String>,
+}
+
+impl Tx<'_, '_> {
+    /// Set a field (see [`Writer::set`] for the rules of each strategy).
+    pub fn set(
+        &mut self,
+        field: &str,
+        value: impl Into<serde_json::Value>,
+    ) -> Result<(), EntityError> {
+        self.writer.set(field, &value.into())
+    }
+    /// Delete `del` characters at `pos` of a text field and insert `text` there.
+    pub fn splice_text(
+        &mut self,
+        field: &str,
+        pos: usize,
+        del: usize,
+        text: &str,
+    ) -> Result<(), EntityError> {
+        self.writer.splice_text(field, pos, del, text)
+    }
+    /// Add to a counter field.
+    pub fn increment(&mut self, field: &str, by: i64) -> Result<(), EntityError> {
+        self.writer.increment(field, by)
+    }
+    /// Put one key of a merge field (`null` removes it).
+    pub fn merge_put(
+        &mut self,
+        field: &str,
+        key: &str,
+        value: impl Into<serde_json::Value>,
+    ) -> Result<(), EntityError> {
+        self.writer.merge_put(field, key, &value.into())
+    }
+    /// Mark the entity deleted (a tombstone that syncs; undo with `set_deleted(false)`).
+    pub fn set_deleted(&mut self, deleted: bool) -> Result<(), EntityError> {
+        self.writer.set_deleted(deleted)
+    }
+    /// The change's message (shown by history).
+    pub fn message(&mut self, message: impl Into<String>) {
+        self.message = Some(message.into());
+    }
+}
+
+struct Loaded {
+    doc: Automerge,
+    meta: DocMeta,
+}
+
+struct Inner {
+    store: Store,
+    opts: RepoOptions,
+    actor: ActorId,
+    docs: Mutex<HashMap<DocId, Arc<Mutex<Loaded>>>>,
+    events: broadcast::Sender<Event>,
+    syncing: Mutex<HashMap<DocId, (u64, u64)>>,
+}
+
+/// The embedding API: one store folder, its documents, and (with the sync layer) a relay.
+#[derive(Clone)]
+pub struct Repo {
+    inner: Arc<Inner>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn now_secs() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn hex_heads(heads: &[ChangeHash]) -> Vec<String> {
+    heads.iter().map(|h| h.to_string()).collect()
+}
+
+/// Automerge must never take the process down on bytes from disk or a peer.
+fn guarded<T>(f: impl FnOnce() -> Result<T, String>) -> Result<T, String> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .unwrap_or_else(|_| Err("automerge panicked on these bytes".into()))
+}
+
+impl Repo {
+    /// Open (or create) the store in `path`.
+    pub fn open(path: impl AsRef<Path>, opts: RepoOptions) -> Result<Repo, Error> {
+        let store = Store::open(path, opts.store.clone())?;
+        Ok(Repo::with_store(store, opts))
+    }
+
+    /// A repo in memory (tests, examples): nothing survives the process.
+    pub fn in_memory(schema: Schema, author: &str) -> Result<Repo, Error> {
+        Ok(Repo::with_store(
+            Store::in_memory(),
+            RepoOptions::new(author).schema(schema),
+        ))
+    }
+
+    /// A repo over an already opened store.
+    pub fn with_store(store: Store, opts: RepoOptions) -> Repo {
+        let (events, _) = broadcast::channel(1024);
+        Repo {
+            inner: Arc::new(Inner {
+                actor: store.device().actor(),
+                store,
+                opts,
+                docs: Mutex::new(HashMap::new()),
+                events,
+                syncing: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// This device's identity.
+    pub fn device(&self) -> DeviceId {
+        self.inner.store.device()
+    }
+
+    /// The author name recorded on this device's changes.
+    pub fn author(&self) -> &str {
+        &self.inner.opts.author
+    }
+
+    /// The schema in use, if any.
+    pub fn schema(&self) -> Option<&Schema> {
+        self.inner.opts.schema.as_ref()
+    }
+
+    /// The store underneath (for the sync layer and tools).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// Events from now on. The channel is bounded: a receiver that falls more than 1,024 events
+    /// behind gets `Lagged` and should re-read what it shows.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.inner.events.subscribe()
+    }
+
+    fn emit(&self, e: Event) {
+        // No receiver is fine: events are a convenience, the store is the truth.
+        let _ = self.inner.events.send(e);
+    }
+
+    /// Create an entity of type `ty` in the default namespace with initial field values.
+    pub fn create(&self, ty: &str, fields: serde_json::Value) -> Result<DocId, Error> {
+        self.create_in(DEFAULT_NAMESPACE, ty, fields)
+    }
+
+    /// Create an entity in namespace `ns`.
+    pub fn create_in(&self, ns: &str, ty: &str, fields: serde_json::Value) -> Result<DocId, Error> {
+        check_name("namespace", ns)?;
+        check_name("type", ty)?;
+        let fields = match fields {
+            serde_json::Value::Object(m) => m,
+            serde_json::Value::Null => serde_json::Map::new(),
+            _ => {
+                return Err(EntityError::InvalidValue {
+                    field: "fields".into(),
+                    reason: "initial fields must be a JSON object".into(),
+                }
+                .into())
+            }
+        };
+        let id = DocId::random();
+        let mut doc = Automerge::new().with_actor(self.inner.actor.clone());
+        let schema = self.schema();
+        let mut tx = doc.transaction();
+        crdt::init_entity(&mut tx, schema, ty, &fields)?;
+        Writer {
+            tx: &mut tx,
+            schema,
+        }
+        .record_author(&self.inner.actor, self.author())?;
+        tx.commit_with(
+            CommitOptions::default()
+                .with_time(now_secs())
+                .with_message(format!("create {ty}")),
+        );
+        let change = doc
+            .get_last_local_change()
+            .ok_or_else(|| Error::InvalidData("creation produced no change".into()))?;
+        let mut meta = DocMeta {
+            namespace: ns.to_string(),
+            ..DocMeta::default()
+        };
+        refresh_meta(&mut meta, &doc, schema);
+        self.inner
+            .store
+            .append(&id, &mut meta, &[change.raw_bytes().to_vec()], true)?;
+        let heads = hex_heads(&doc.get_heads());
+        self.cache(id, Loaded { doc, meta });
+        self.emit(Event::Changed {
+            doc: id,
+            origin: Origin::Local,
+            heads,
+        });
+        self.emit_status(&id);
+        Ok(id)
+    }
+
+    fn cache(&self, id: DocId, loaded: Loaded) -> Arc<Mutex<Loaded>> {
+        let entry = Arc::new(Mutex::new(loaded));
+        let mut docs = lock(&self.inner.docs);
+        docs.insert(id, entry.clone());
+        if docs.len() > self.inner.opts.cache_docs {
+            // Evict documents nobody is using; a busy one stays until it is idle.
+            let idle: Vec<DocId> = docs
+                .iter()
+                .filter(|(k, v)| **k != id && Arc::strong_count(v) == 1)
+                .map(|(k, _)| *k)
+                .take(docs.len() - self.inner.opts.cache_docs)
+                .collect();
+            for k in idle {
+                docs.remove(&k);
+            }
+        }
+        entry
+    }
+
+    fn forget(&self, id: &DocId) {
+        lock(&self.inner.docs).remove(id);
+    }
+
+    /// The loaded document, loading it (snapshot + journal tail) if needed.
+    fn entry(&self, id: &DocId) -> Result<Arc<Mutex<Loaded>>, Error> {
+        if let Some(e) = lock(&self.inner.docs).get(id) {
+            return Ok(e.clone());
+        }
+        let stored = self.inner.store.load(id)?.ok_or(Error::NotFound(*id))?;
+        let actor = self.inner.actor.clone();
+        let loaded = guarded(|| {
+            let mut doc = match &stored.snapshot {
+                Some(bytes) => {
+                    Automerge::load(bytes).map_err(|e| format!("snapshot does not load: {e}"))?
+                }
+                None => Automerge::new(),
+            };
+            let mut changes = Vec::with_capacity(stored.tail.len());
+            for (seq, bytes) in &stored.tail {
+                changes.push(
+                    Change::from_bytes(bytes.clone())
+                        .map_err(|e| format!("journal entry {seq} is not a valid change: {e}"))?,
+                );
+            }
+            doc.apply_changes(changes)
+                .map_err(|e| format!("journal does not apply: {e}"))?;
+            Ok(doc.with_actor(actor))
+        });
+        match loaded {
+            Ok(doc) => Ok(self.cache(
+                *id,
+                Loaded {
+                    doc,
+                    meta: stored.meta,
+                },
+            )),
+            Err(reason) => {
+                tracing::error!(doc = %id, %reason, "quarantining a document whose stored bytes do not load");
+                self.inner.store.quarantine(id, &reason)?;
+                Err(StoreError::Quarantined { doc: *id, reason }.into())
+            }
+        }
+    }
+
+    /// Find a document by its id or a unique prefix of it.
+    pub fn find(&self, prefix: &str) -> Result<DocId, Error> {
+        if let Ok(id) = prefix.parse::<DocId>() {
+            if self.inner.store.meta(&id)?.is_some() {
+                return Ok(id);
+            }
+        }
+        let matches: Vec<DocId> = self
+            .inner
+            .store
+            .list()?
+            .into_iter()
+            .map(|(id, _)| id)
+            .filter(|id| id.to_string().starts_with(prefix))
+            .collect();
+        match matches.len() {
+            1 => Ok(matches[0]),
+            0 => Err(Error::NoMatch(prefix.to_string())),
+            _ => Err(Error::Ambiguous {
+                prefix: prefix.to_string(),
+                candidates: matches.iter().map(|d| d.to_string()).collect(),
+            }),
+        }
+    }
+
+    /// Read an entity (skipping nothing: a deleted entity reads with `deleted: true`).
+    pub fn get(&self, id: &DocId) -> Result<Entity, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        Ok(entity(id, &l, self.schema()))
+    }
+
+    /// Run `f` as one local change of `id`, with `message` (optional) recorded on it. Returns
+    /// the new change's hash (hex), or `None` if `f` wrote nothing. Durable on return.
+    pub fn change<F>(&self, id: &DocId, f: F) -> Result<Option<String>, Error>
+    where
+        F: FnOnce(&mut Tx<'_, '_>) -> Result<(), EntityError>,
+    {
+        let entry = self.entry(id)?;
+        let mut l = lock(&entry);
+        let schema = self.schema();
+        let before = crdt::conflict_map(&View::new(&l.doc, schema));
+        let mut changes: Vec<Change> = match schema {
+            Some(s) => migrate::migrate(&mut l.doc, id, s)?,
+            None => Vec::new(),
+        };
+        let mut tx = l.doc.transaction();
+        let result = {
+            let mut t = Tx {
+                writer: Writer {
+                    tx: &mut tx,
+                    schema,
+                },
+                message: None,
+            };
+            f(&mut t).map(|_| t.message)
+        };
+        let message = match result {
+            Ok(m) => m,
+            Err(e) => {
+                tx.rollback();
+                // Migration changes already applied are valid on their own; keep them.
+                if !changes.is_empty() {
+                    self.persist_local(id, &mut l, &changes)?;
+                }
+                return Err(e.into());
+            }
+        };
+        if tx.pending_ops() > 0 {
+            Writer {
+                tx: &mut tx,
+                schema,
+            }
+            .record_author(&self.inner.actor, self.author())?;
+        }
+        let mut opts = CommitOptions::default().with_time(now_secs());
+        if let Some(m) = message {
+            opts = opts.with_message(m);
+        }
+        let (hash, _) = tx.commit_with(opts);
+        if hash.is_some() {
+            if let Some(c) = l.doc.get_last_local_change() {
+                changes.push(c);
+            }
+        }
+        if changes.is_empty() {
+            return Ok(None);
+        }
+        self.persist_local(id, &mut l, &changes)?;
+        let after = crdt::conflict_map(&View::new(&l.doc, schema));
+        let heads = hex_heads(&l.doc.get_heads());
+        drop(l);
+        self.emit(Event::Changed {
+            doc: *id,
+            origin: Origin::Local,
+            heads,
+        });
+        self.emit_conflicts(id, &before, &after);
+        self.emit_status(id);
+        self.maybe_compact(id, &entry)?;
+        Ok(hash.map(|h| h.to_string()))
+    }
+
+    fn persist_local(&self, id: &DocId, l: &mut Loaded, changes: &[Change]) -> Result<(), Error> {
+        let bytes: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
+        let mut meta = l.meta.clone();
+        refresh_meta(&mut meta, &l.doc, self.schema());
+        match self.inner.store.append(id, &mut meta, &bytes, true) {
+            Ok(_) => {
+                l.meta = meta;
+                Ok(())
+            }
+            Err(e) => {
+                // The in-memory document holds a change the disk may not: drop it so the next
+                // read reloads what is durable.
+                self.forget(id);
+                Err(e.into())
+            }
+        }
+    }
+
+    fn maybe_compact(&self, id: &DocId, entry: &Arc<Mutex<Loaded>>) -> Result<(), Error> {
+        let mut l = lock(entry);
+        if l.meta.tail_changes < self.inner.opts.compact_after_changes
+            && l.meta.tail_bytes < self.inner.opts.compact_after_bytes
+        {
+            return Ok(());
+        }
+        let bytes = l.doc.save();
+        let covers = l.meta.next_seq;
+        let mut meta = l.meta.clone();
+        self.inner.store.compact(id, &mut meta, &bytes, covers)?;
+        l.meta = meta;
+        Ok(())
+    }
+
+    /// Write a snapshot of `id` now and drop the journal it covers.
+    pub fn compact(&self, id: &DocId) -> Result<(), Error> {
+        let entry = self.entry(id)?;
+        let mut l = lock(&entry);
+        let bytes = l.doc.save();
+        let covers = l.meta.next_seq;
+        let mut meta = l.meta.clone();
+        self.inner.store.compact(id, &mut meta, &bytes, covers)?;
+        l.meta = meta;
+        Ok(())
+    }
+
+    /// Mark an entity deleted.
+    pub fn delete(&self, id: &DocId) -> Result<(), Error> {
+        self.change(id, |tx| {
+            tx.message("delete");
+            tx.set_deleted(true)
+        })?;
+        Ok(())
+    }
+
+    /// Undo a delete.
+    pub fn undelete(&self, id: &DocId) -> Result<(), Error> {
+        self.change(id, |tx| {
+            tx.message("undelete");
+            tx.set_deleted(false)
+        })?;
+        Ok(())
+    }
+
+    /// Documents in the store, optionally of one type; deleted ones only if asked.
+    pub fn list(
+        &self,
+        ty: Option<&str>,
+        include_deleted: bool,
+    ) -> Result<Vec<(DocId, DocMeta)>, Error> {
+        Ok(self
+            .inner
+            .store
+            .list()?
+            .into_iter()
+            .filter(|(_, m)| ty.is_none_or(|t| m.ty == t))
+            .filter(|(_, m)| include_deleted || !m.deleted)
+            .collect())
+    }
+
+    /// Open conflicts of a document: critical fields only, or every field with concurrent
+    /// distinct values when `any_field`.
+    pub fn conflicts(&self, id: &DocId, any_field: bool) -> Result<Vec<FieldConflict>, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        Ok(View::new(&l.doc, self.schema()).conflicts(any_field))
+    }
+
+    /// Settle a field: write `value` so that it supersedes every concurrent value, with a
+    /// message naming who decided.
+    pub fn resolve(
+        &self,
+        id: &DocId,
+        field: &str,
+        value: serde_json::Value,
+    ) -> Result<String, Error> {
+        let who = self.author().to_string();
+        let hash = self.change(id, |tx| {
+            tx.message(format!(
+                "resolve {field} = {} (decided by {who})",
+                crdt::show(&value)
+            ));
+            tx.set(field, value.clone())
+        })?;
+        hash.ok_or_else(|| Error::InvalidData("resolve wrote no change".into()))
+    }
+
+    /// The history of a document, oldest first.
+    pub fn history(&self, id: &DocId) -> Result<Vec<ChangeInfo>, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        Ok(history::changes(&l.doc, self.schema()))
+    }
+
+    fn find_change(&self, id: &DocId, doc: &Automerge, prefix: &str) -> Result<ChangeHash, Error> {
+        history::find_change(doc, prefix).map_err(|e| match e {
+            FindChange::TooShort => Error::Entity(EntityError::InvalidValue {
+                field: "change".into(),
+                reason: format!("'{prefix}' is too short: give at least 4 hex characters"),
+            }),
+            FindChange::NotFound => Error::ChangeNotFound {
+                doc: *id,
+                hash: prefix.to_string(),
+            },
+            FindChange::Ambiguous(c) => Error::Ambiguous {
+                prefix: prefix.to_string(),
+                candidates: c,
+            },
+        })
+    }
+
+    /// The entity as it was right after the change `at` (a hex prefix of ≥ 4 characters).
+    pub fn get_at(&self, id: &DocId, at: &str) -> Result<Entity, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        let h = self.find_change(id, &l.doc, at)?;
+        let view = View::at(&l.doc, self.schema(), vec![h]);
+        Ok(Entity {
+            id: *id,
+            ty: view.entity_type().unwrap_or_default(),
+            namespace: l.meta.namespace.clone(),
+            schema: view.schema_version(),
+            value: view.json(),
+            conflicts: Vec::new(),
+            deleted: view.is_deleted(),
+            heads: vec![h.to_string()],
+        })
+    }
+
+    /// Field-level differences between the points `from` and `to` (now when `None`).
+    pub fn diff(&self, id: &DocId, from: &str, to: Option<&str>) -> Result<Vec<FieldDiff>, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        let a = self.find_change(id, &l.doc, from)?;
+        let b = match to {
+            Some(t) => vec![self.find_change(id, &l.doc, t)?],
+            None => l.doc.get_heads(),
+        };
+        Ok(history::diff(&l.doc, self.schema(), &[a], &b))
+    }
+
+    /// The sync status of a document.
+    pub fn status(&self, id: &DocId) -> Result<DocStatus, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        Ok(self.status_of(id, &l))
+    }
+
+    fn status_of(&self, id: &DocId, l: &Loaded) -> DocStatus {
+        let fields: Vec<String> = View::new(&l.doc, self.schema())
+            .conflicts(false)
+            .into_iter()
+            .map(|c| c.field)
+            .collect();
+        if !fields.is_empty() {
+            return DocStatus::Conflict { fields };
+        }
+        if let Some((done, total)) = lock(&self.inner.syncing).get(id) {
+            return DocStatus::Syncing {
+                done: *done,
+                total: *total,
+            };
+        }
+        if l.meta.pending > 0 {
+            let age = l
+                .meta
+                .oldest_pending_ms
+                .map(|t| (now_ms() - t).max(0) as u64)
+                .unwrap_or(0);
+            return DocStatus::Pending {
+                changes: l.meta.pending,
+                oldest_age_ms: age,
+            };
+        }
+        DocStatus::Synced
+    }
+
+    fn emit_status(&self, id: &DocId) {
+        if let Ok(s) = self.status(id) {
+            self.emit(Event::Status {
+                doc: *id,
+                status: s,
+            });
+        }
+    }
+
+    fn emit_conflicts(
+        &self,
+        id: &DocId,
+        before: &BTreeMap<String, usize>,
+        after: &BTreeMap<String, usize>,
+    ) {
+        for f in after.keys().filter(|f| !before.contains_key(*f)) {
+            self.emit(Event::ConflictOpened {
+                doc: *id,
+                field: f.clone(),
+            });
+        }
+        for f in before.keys().filter(|f| !after.contains_key(*f)) {
+            self.emit(Event::ConflictResolved {
+                doc: *id,
+                field: f.clone(),
+            });
+        }
+    }
+
+    /// Apply changes that came from elsewhere (a relay, another store). Idempotent: changes
+    /// already present are skipped. Changes whose dependencies are missing are not applied and
+    /// counted in the result. Durable before it returns and before any event.
+    pub fn apply_remote(
+        &self,
+        id: &DocId,
+        namespace: &str,
+        changes: &[Vec<u8>],
+    ) -> Result<Applied, Error> {
+        self.apply_changes(id, namespace, changes, false)
+    }
+
+    fn apply_changes(
+        &self,
+        id: &DocId,
+        namespace: &str,
+        changes: &[Vec<u8>],
+        local: bool,
+    ) -> Result<Applied, Error> {
+        let mut parsed = Vec::with_capacity(changes.len());
+        for (i, bytes) in changes.iter().enumerate() {
+            let c = guarded(|| Change::from_bytes(bytes.clone()).map_err(|e| e.to_string()))
+                .map_err(|e| Error::InvalidData(format!("change {i}: {e}")))?;
+            parsed.push(c);
+        }
+        let entry = match self.entry(id) {
+            Ok(e) => e,
+            Err(Error::NotFound(_)) => self.cache(
+                *id,
+                Loaded {
+                    doc: Automerge::new().with_actor(self.inner.actor.clone()),
+                    meta: DocMeta {
+                        namespace: namespace.to_string(),
+                        ..DocMeta::default()
+                    },
+                },
+            ),
+            Err(e) => return Err(e),
+        };
+        let mut l = lock(&entry);
+        let schema = self.schema();
+        let before_heads = l.doc.get_heads();
+        let before = crdt::conflict_map(&View::new(&l.doc, schema));
+        let fresh: Vec<Change> = parsed
+            .into_iter()
+            .filter(|c| l.doc.get_change_by_hash(&c.hash()).is_none())
+            .collect();
+        if fresh.is_empty() {
+            return Ok(Applied::default());
+        }
+        let offered = fresh.len();
+        let applied = guarded(|| l.doc.apply_changes(fresh).map_err(|e| e.to_string()));
+        if let Err(e) = applied {
+            self.forget(id);
+            return Err(Error::InvalidData(e));
+        }
+        // Everything that became part of the document, including changes that waited in
+        // Automerge's queue for these dependencies.
+        let added: Vec<Vec<u8>> = l
+            .doc
+            .get_changes(&before_heads)
+            .into_iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        if added.is_empty() {
+            return Ok(Applied {
+                applied: 0,
+                missing_deps: offered,
+            });
+        }
+        let mut meta = l.meta.clone();
+        refresh_meta(&mut meta, &l.doc, schema);
+        if let Err(e) = self.inner.store.append(id, &mut meta, &added, local) {
+            drop(l);
+            self.forget(id);
+            return Err(e.into());
+        }
+        l.meta = meta;
+        let after = crdt::conflict_map(&View::new(&l.doc, schema));
+        let heads = hex_heads(&l.doc.get_heads());
+        drop(l);
+        self.emit(Event::Changed {
+            doc: *id,
+            origin: if local { Origin::Local } else { Origin::Remote },
+            heads,
+        });
+        self.emit_conflicts(id, &before, &after);
+        self.emit_status(id);
+        self.maybe_compact(id, &entry)?;
+        Ok(Applied {
+            applied: added.len(),
+            missing_deps: offered.saturating_sub(added.len()),
+        })
+    }
+
+    /// The document as standard Automerge bytes (loadable by any Automerge implementation).
+    pub fn export(&self, id: &DocId) -> Result<Vec<u8>, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        Ok(l.doc.save())
+    }
+
+    /// Merge standard Automerge bytes into document `id` (created if new). The imported
+    /// changes this store did not have go to the outbox: this device is now their source.
+    pub fn import(&self, id: &DocId, bytes: &[u8]) -> Result<Applied, Error> {
+        if bytes.len() > MAX_IMPORT_BYTES {
+            return Err(Error::InvalidData(format!(
+                "{} bytes is more than the {MAX_IMPORT_BYTES} an import accepts",
+                bytes.len()
+            )));
+        }
+        let doc = guarded(|| Automerge::load(bytes).map_err(|e| e.to_string()))
+            .map_err(|e| Error::InvalidData(format!("not an Automerge document: {e}")))?;
+        if doc.get(ROOT, crdt::TYPE_KEY).ok().flatten().is_none() && doc.get_heads().is_empty() {
+            return Err(Error::InvalidData(
+                "the file holds an empty document".into(),
+            ));
+        }
+        let changes: Vec<Vec<u8>> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let ns = self
+            .inner
+            .store
+            .meta(id)?
+            .map(|m| m.namespace)
+            .unwrap_or_else(|| DEFAULT_NAMESPACE.into());
+        self.apply_changes(id, &ns, &changes, true)
+    }
+
+    /// Every change of `id` as raw bytes, in causal order (for re-pushing a whole history).
+    pub fn all_changes(&self, id: &DocId) -> Result<Vec<Vec<u8>>, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        Ok(l.doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect())
+    }
+
+    /// Record sync progress for a document (the sync layer calls this); `None` clears it.
+    pub fn set_progress(&self, id: &DocId, progress: Option<(u64, u64)>) {
+        {
+            let mut s = lock(&self.inner.syncing);
+            match progress {
+                Some(p) => s.insert(*id, p),
+                None => s.remove(id),
+            };
+        }
+        self.emit_status(id);
+    }
+
+    /// Metadata of a document (namespace, pending count, relay cursor...).
+    pub fn meta(&self, id: &DocId) -> Result<DocMeta, Error> {
+        if let Some(e) = lock(&self.inner.docs).get(id) {
+            return Ok(lock(e).meta.clone());
+        }
+        self.inner.store.meta(id)?.ok_or(Error::NotFound(*id))
+    }
+}
+
+/// What [`Repo::apply_remote`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// Changes now part of the document (and durable).
+    pub applied: usize,
+    /// Changes that could not apply because changes they depend on are missing.
+    pub missing_deps: usize,
+}
+
+fn check_name(what: &str, s: &str) -> Result<(), Error> {
+    if s.is_empty() || s.len() > 128 || s.chars().any(|c| c.is_control()) {
+        return Err(EntityError::InvalidValue {
+            field: what.into(),
+            reason: format!("'{s}' is not a valid {what} name (1-128 printable characters)"),
+        }
+        .into());
+    }
+    Ok(())
+}
+
+fn refresh_meta(meta: &mut DocMeta, doc: &Automerge, schema: Option<&Schema>) {
+    let view = View::new(doc, schema);
+    meta.ty = view.entity_type().unwrap_or_default();
+    meta.schema = view.schema_version();
+    meta.deleted = view.is_deleted();
+    meta.heads = doc.get_heads().iter().map(|h| h.0).collect();
+}
+
+fn entity(id: &DocId, l: &Loaded, schema: Option<&Schema>) -> Entity {
+    let view = View::new(&l.doc, schema);
+    Entity {
+        id: *id,
+        ty: view.entity_type().unwrap_or_default(),
+        namespace: l.meta.namespace.clone(),
+        schema: view.schema_version(),
+        value: view.json(),
+        conflicts: view.conflicts(false).into_iter().map(|c| c.field).collect(),
+        deleted: view.is_deleted(),
+        heads: hex_heads(&l.doc.get_heads()),
+    }
+}

@@ -1,0 +1,169 @@
+//! The ordered key-value backends under [`super::Store`]: sled on disk, a BTreeMap in memory.
+//! A backend applies a batch atomically and makes it durable on `sync`; it knows nothing of
+//! documents.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use super::{StoreError, StoreOptions};
+
+/// One atomic write.
+#[derive(Default)]
+pub struct Batch {
+    ops: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+}
+
+impl Batch {
+    pub fn put(&mut self, k: Vec<u8>, v: Vec<u8>) {
+        self.ops.push((k, Some(v)));
+    }
+    pub fn remove(&mut self, k: Vec<u8>) {
+        self.ops.push((k, None));
+    }
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+}
+
+/// An ordered key-value store.
+pub trait Backend: Send + Sync {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Every entry whose key starts with `prefix`, in key order.
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    /// Apply a batch atomically (not yet durable).
+    fn write(&self, batch: Batch) -> Result<(), StoreError>;
+    /// Make every applied batch durable.
+    fn sync(&self) -> Result<(), StoreError>;
+}
+
+/// sled, plus a pid file beside its lock so that "in use" can name the holder, plus an
+/// fdatasync of sled's data file where sled's own flush stops short of one.
+pub struct SledBackend {
+    db: sled::Db,
+    tree: sled::Tree,
+    data_file: Option<File>,
+}
+
+const PID_FILE: &str = "tandem.pid";
+
+impl SledBackend {
+    pub fn open(path: &Path, opts: &StoreOptions) -> Result<SledBackend, StoreError> {
+        std::fs::create_dir_all(path)?;
+        let db = match sled::Config::new()
+            .path(path)
+            .cache_capacity(opts.cache_bytes)
+            .mode(sled::Mode::LowSpace)
+            .open()
+        {
+            Ok(db) => db,
+            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                let pid = std::fs::read_to_string(path.join(PID_FILE))
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok());
+                return Err(StoreError::InUse {
+                    path: path.to_path_buf(),
+                    pid,
+                });
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // We hold sled's lock now, so the pid file is ours to write.
+        let mut f = File::create(path.join(PID_FILE))?;
+        writeln!(f, "{}", std::process::id())?;
+        let tree = db.open_tree("tandem")?;
+        let data_file = if opts.fsync {
+            Some(File::open(data_path(path))?)
+        } else {
+            None
+        };
+        Ok(SledBackend {
+            db,
+            tree,
+            data_file,
+        })
+    }
+}
+
+fn data_path(path: &Path) -> PathBuf {
+    path.join("db")
+}
+
+impl Backend for SledBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        self.tree
+            .scan_prefix(prefix)
+            .map(|r| {
+                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
+                    .map_err(StoreError::from)
+            })
+            .collect()
+    }
+
+    fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut b = sled::Batch::default();
+        for (k, v) in batch.ops {
+            match v {
+                Some(v) => b.insert(k, v),
+                None => b.remove(k),
+            }
+        }
+        self.tree.apply_batch(b)?;
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        if let Some(f) = &self.data_file {
+            f.sync_data()?;
+        }
+        Ok(())
+    }
+}
+
+/// An in-memory backend: the same semantics, nothing survives the process.
+#[derive(Default)]
+pub struct MemoryBackend {
+    map: Mutex<BTreeMap<Vec<u8>, Vec<u8>>>,
+}
+
+impl Backend for MemoryBackend {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self
+            .map
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(key)
+            .cloned())
+    }
+
+    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(map
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect())
+    }
+
+    fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in batch.ops {
+            match v {
+                Some(v) => map.insert(k, v),
+                None => map.remove(&k),
+            };
+        }
+        Ok(())
+    }
+
+    fn sync(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

@@ -1,0 +1,560 @@
+//! Persistence for a device: the change journal, chunked snapshots, per-document metadata, the
+//! outbox of changes no relay has acknowledged yet, and sync metadata. The store knows nothing of
+//! the network and nothing of Automerge's internals: it keeps bytes, in order, durably.
+//!
+//! Key spaces (one ordered keyspace, a one-byte tag in front, big-endian numbers so that a
+//! prefix scan returns a document's entries in order):
+//!
+//! | tag | key | value |
+//! |---|---|---|
+//! | `c` | doc, seq, chunk | a chunk (≤ 4 KiB) of one raw Automerge change |
+//! | `s` | doc, generation, chunk | a chunk of a saved document |
+//! | `m` | doc | [`DocMeta`] (bincode) |
+//! | `o` | doc, seq | outbox entry: the time the change was made |
+//! | `y` | name | sync metadata: format version, device id, relay identity, feed cursors |
+//!
+//! All keyspaces live in one sled tree so that a write (change + meta + outbox) is one atomic
+//! `apply_batch`. Every value is at most [`CHUNK`] bytes: sled writes a node bigger than ~128 KiB
+//! to a blob file that it never fsyncs, so large values are split into chunks.
+
+mod backend;
+mod group_commit;
+
+use std::path::{Path, PathBuf};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+pub use backend::{Backend, Batch, MemoryBackend, SledBackend};
+use group_commit::GroupCommit;
+
+use crate::ids::{DeviceId, DocId};
+
+/// The largest value the store writes.
+pub const CHUNK: usize = 4096;
+
+/// The store format this code writes; opening a newer one is refused.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Most heads kept in [`DocMeta`] (a cache: the document itself is the truth).
+const MAX_META_HEADS: usize = 16;
+
+/// Upper bound for a decoded metadata record.
+const META_LIMIT: usize = CHUNK;
+
+const T_CHANGE: u8 = b'c';
+const T_SNAPSHOT: u8 = b's';
+const T_META: u8 = b'm';
+const T_OUTBOX: u8 = b'o';
+const T_SYNC: u8 = b'y';
+
+/// What went wrong in the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Another process has the store open.
+    #[error("store {path} is in use by another process{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    InUse { path: PathBuf, pid: Option<u32> },
+    /// The store was written by a newer tandem.
+    #[error("store format {found} is newer than this tandem understands ({FORMAT_VERSION}); upgrade tandem")]
+    NewerFormat { found: u32 },
+    /// Stored bytes are damaged.
+    #[error("corrupt store data: {0}")]
+    Corrupt(String),
+    /// A document was quarantined because its stored bytes do not load.
+    #[error("document {doc} is quarantined: {reason}")]
+    Quarantined { doc: DocId, reason: String },
+    /// The disk or sled failed.
+    #[error("store I/O failed: {0}")]
+    Io(String),
+}
+
+impl From<sled::Error> for StoreError {
+    fn from(e: sled::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+impl From<std::io::Error> for StoreError {
+    fn from(e: std::io::Error) -> Self {
+        StoreError::Io(e.to_string())
+    }
+}
+
+/// What the store keeps about a document besides its bytes.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocMeta {
+    /// The namespace the document belongs to (fixed by its first push).
+    pub namespace: String,
+    /// Entity type, as last seen.
+    pub ty: String,
+    /// Schema version, as last seen.
+    pub schema: u64,
+    /// Heads, as last seen (at most 16).
+    pub heads: Vec<[u8; 32]>,
+    /// Next journal sequence number.
+    pub next_seq: u64,
+    /// The generation of the current snapshot (0: none).
+    pub snapshot_gen: u64,
+    /// Number of snapshot chunks of the current generation.
+    pub snapshot_chunks: u32,
+    /// Journal entries with seq below this are contained in the snapshot.
+    pub snapshot_covers: u64,
+    /// Changes and bytes in the journal since the snapshot: drives compaction.
+    pub tail_changes: u64,
+    pub tail_bytes: u64,
+    /// The last relay log seq applied to this document.
+    pub relay_seq: u64,
+    /// Local changes not yet acknowledged by a relay.
+    pub pending: u64,
+    /// When the oldest of those was made (ms since the epoch).
+    pub oldest_pending_ms: Option<i64>,
+    /// Whether the entity is deleted (a cache for listing).
+    pub deleted: bool,
+    /// Set when the stored bytes do not load: why.
+    pub quarantined: Option<String>,
+}
+
+/// A document as stored: its snapshot (if any) and the journal tail after it.
+pub struct Stored {
+    pub meta: DocMeta,
+    pub snapshot: Option<Vec<u8>>,
+    pub tail: Vec<(u64, Vec<u8>)>,
+}
+
+/// Options for opening a store.
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    /// Call fdatasync on sled's data file after each (group) flush. sled's own `flush()` only
+    /// calls `sync_file_range` on Linux, which survives a process kill but not a power cut.
+    pub fsync: bool,
+    /// sled's page cache size in bytes.
+    pub cache_bytes: u64,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            fsync: true,
+            cache_bytes: 64 << 20,
+        }
+    }
+}
+
+/// The device store. Cheap to share behind an `Arc`; all methods block (call them from a
+/// plain thread or `spawn_blocking`, never from an async task).
+pub struct Store {
+    backend: Box<dyn Backend>,
+    commit: GroupCommit,
+    path: Option<PathBuf>,
+    device: DeviceId,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+fn key(tag: u8, doc: &DocId, rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + 16 + 16);
+    k.push(tag);
+    k.extend_from_slice(doc.as_bytes());
+    for r in rest {
+        k.extend_from_slice(r);
+    }
+    k
+}
+
+fn sync_key(name: &str) -> Vec<u8> {
+    let mut k = vec![T_SYNC];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn be_u64(b: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
+}
+
+fn bincode_cfg() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<META_LIMIT>()
+}
+
+fn encode_meta(meta: &DocMeta) -> Result<Vec<u8>, StoreError> {
+    let mut m = meta.clone();
+    m.heads.truncate(MAX_META_HEADS);
+    let bytes = bincode::serde::encode_to_vec(&m, bincode_cfg())
+        .map_err(|e| StoreError::Io(e.to_string()))?;
+    if bytes.len() > CHUNK {
+        return Err(StoreError::Io(format!(
+            "document metadata of {} bytes exceeds {CHUNK}",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}
+
+fn decode_meta(bytes: &[u8]) -> Result<DocMeta, StoreError> {
+    bincode::serde::decode_from_slice(bytes, bincode_cfg())
+        .map(|(m, _)| m)
+        .map_err(|e| StoreError::Corrupt(format!("document metadata: {e}")))
+}
+
+/// Split `bytes` into ≤ 4 KiB chunks, keyed by `prefix` + chunk index.
+fn put_chunks(batch: &mut Batch, prefix: Vec<u8>, bytes: &[u8], index_width: usize) -> u32 {
+    let mut n = 0u32;
+    for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
+        let mut k = prefix.clone();
+        k.extend_from_slice(&(i as u64).to_be_bytes()[8 - index_width..]);
+        batch.put(k, chunk.to_vec());
+        n += 1;
+    }
+    if bytes.is_empty() {
+        let mut k = prefix;
+        k.extend_from_slice(&0u64.to_be_bytes()[8 - index_width..]);
+        batch.put(k, Vec::new());
+        n = 1;
+    }
+    n
+}
+
+impl Store {
+    /// Open (or create) a store folder. A folder another process holds gives
+    /// [`StoreError::InUse`] with that process's pid.
+    pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
+        let path = path.as_ref().to_path_buf();
+        let backend = SledBackend::open(&path, &opts)?;
+        let store = Store::with_backend(Box::new(backend), Some(path))?;
+        Ok(store)
+    }
+
+    /// A store that lives in memory only (tests, simulations, ephemeral tools).
+    pub fn in_memory() -> Store {
+        Store::with_backend(Box::new(MemoryBackend::default()), None).expect("memory store")
+    }
+
+    fn with_backend(backend: Box<dyn Backend>, path: Option<PathBuf>) -> Result<Store, StoreError> {
+        let format = backend.get(&sync_key("format"))?;
+        let mut batch = Batch::default();
+        match format {
+            Some(v) => {
+                let found = u32::from_be_bytes(
+                    v.as_slice()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("format version".into()))?,
+                );
+                if found > FORMAT_VERSION {
+                    return Err(StoreError::NewerFormat { found });
+                }
+            }
+            None => batch.put(sync_key("format"), FORMAT_VERSION.to_be_bytes().to_vec()),
+        }
+        let device = match backend.get(&sync_key("device"))? {
+            Some(v) => DeviceId(
+                v.as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("device id".into()))?,
+            ),
+            None => {
+                let d = DeviceId::random();
+                batch.put(sync_key("device"), d.0.to_vec());
+                d
+            }
+        };
+        let store = Store {
+            backend,
+            commit: GroupCommit::default(),
+            path,
+            device,
+        };
+        if !batch.is_empty() {
+            store.backend.write(batch)?;
+            store.durable()?;
+        }
+        Ok(store)
+    }
+
+    /// The folder, for an on-disk store.
+    pub fn path(&self) -> Option<&Path> {
+        self.path.as_deref()
+    }
+
+    /// This device's identity (made when the store was created).
+    pub fn device(&self) -> DeviceId {
+        self.device
+    }
+
+    /// Make everything written so far durable. Concurrent callers share one flush.
+    pub fn durable(&self) -> Result<(), StoreError> {
+        self.commit.sync(&*self.backend)
+    }
+
+    /// The metadata of one document.
+    pub fn meta(&self, doc: &DocId) -> Result<Option<DocMeta>, StoreError> {
+        self.backend
+            .get(&key(T_META, doc, &[]))?
+            .map(|b| decode_meta(&b))
+            .transpose()
+    }
+
+    /// Every document with its metadata, in id order.
+    pub fn list(&self) -> Result<Vec<(DocId, DocMeta)>, StoreError> {
+        let mut out = Vec::new();
+        for (k, v) in self.backend.scan(&[T_META])? {
+            let id: [u8; 16] = k
+                .get(1..17)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(|| StoreError::Corrupt("metadata key".into()))?;
+            out.push((DocId(id), decode_meta(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Read a document's snapshot and journal tail.
+    pub fn load(&self, doc: &DocId) -> Result<Option<Stored>, StoreError> {
+        let Some(meta) = self.meta(doc)? else {
+            return Ok(None);
+        };
+        if let Some(reason) = &meta.quarantined {
+            return Err(StoreError::Quarantined {
+                doc: *doc,
+                reason: reason.clone(),
+            });
+        }
+        let snapshot = if meta.snapshot_gen > 0 {
+            let prefix = key(T_SNAPSHOT, doc, &[&meta.snapshot_gen.to_be_bytes()]);
+            let chunks = self.backend.scan(&prefix)?;
+            if chunks.len() != meta.snapshot_chunks as usize {
+                return Err(StoreError::Corrupt(format!(
+                    "snapshot of {doc} has {} of its {} chunks",
+                    chunks.len(),
+                    meta.snapshot_chunks
+                )));
+            }
+            Some(chunks.into_iter().flat_map(|(_, v)| v).collect())
+        } else {
+            None
+        };
+        Ok(Some(Stored {
+            tail: self.journal(doc)?,
+            meta,
+            snapshot,
+        }))
+    }
+
+    /// The journal entries of a document: (seq, change bytes), in seq order.
+    fn journal(&self, doc: &DocId) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+        for (k, v) in self.backend.scan(&key(T_CHANGE, doc, &[]))? {
+            let seq = be_u64(&k[17..]).ok_or_else(|| StoreError::Corrupt("journal key".into()))?;
+            match out.last_mut() {
+                Some((s, bytes)) if *s == seq => bytes.extend_from_slice(&v),
+                _ => out.push((seq, v)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Append changes to a document's journal and make them durable before returning. Local
+    /// changes also go to the outbox. `meta` is updated (seqs, pending, tail) and written in the
+    /// same atomic batch. Returns the journal seqs given to the changes.
+    pub fn append(
+        &self,
+        doc: &DocId,
+        meta: &mut DocMeta,
+        changes: &[Vec<u8>],
+        local: bool,
+    ) -> Result<Vec<u64>, StoreError> {
+        let mut batch = Batch::default();
+        let now = now_ms();
+        let mut seqs = Vec::with_capacity(changes.len());
+        let mut next = meta.next_seq.max(meta.snapshot_covers).max(1);
+        for c in changes {
+            let seq = next;
+            next += 1;
+            put_chunks(&mut batch, key(T_CHANGE, doc, &[&seq.to_be_bytes()]), c, 2);
+            if local {
+                batch.put(
+                    key(T_OUTBOX, doc, &[&seq.to_be_bytes()]),
+                    now.to_be_bytes().to_vec(),
+                );
+            }
+            meta.tail_changes += 1;
+            meta.tail_bytes += c.len() as u64;
+            seqs.push(seq);
+        }
+        meta.next_seq = next;
+        if local && !changes.is_empty() {
+            meta.pending += changes.len() as u64;
+            meta.oldest_pending_ms.get_or_insert(now);
+        }
+        batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
+        self.backend.write(batch)?;
+        self.durable()?;
+        Ok(seqs)
+    }
+
+    /// Write a document's metadata alone (durable on return).
+    pub fn put_meta(&self, doc: &DocId, meta: &DocMeta) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
+        self.backend.write(batch)?;
+        self.durable()
+    }
+
+    /// The local changes of a document that no relay has acknowledged: (seq, bytes).
+    pub fn outbox(&self, doc: &DocId) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        let pending: Vec<u64> = self
+            .backend
+            .scan(&key(T_OUTBOX, doc, &[]))?
+            .into_iter()
+            .filter_map(|(k, _)| be_u64(&k[17..]))
+            .collect();
+        if pending.is_empty() {
+            return Ok(Vec::new());
+        }
+        let journal = self.journal(doc)?;
+        Ok(journal
+            .into_iter()
+            .filter(|(s, _)| pending.binary_search(s).is_ok())
+            .collect())
+    }
+
+    /// Documents with outbox entries.
+    pub fn outbox_docs(&self) -> Result<Vec<DocId>, StoreError> {
+        let mut out: Vec<DocId> = Vec::new();
+        for (k, _) in self.backend.scan(&[T_OUTBOX])? {
+            let id = DocId(
+                k[1..17]
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("outbox key".into()))?,
+            );
+            if out.last() != Some(&id) {
+                out.push(id);
+            }
+        }
+        Ok(out)
+    }
+
+    /// A relay acknowledged these journal seqs: remove them from the outbox (durably).
+    pub fn ack(&self, doc: &DocId, meta: &mut DocMeta, seqs: &[u64]) -> Result<(), StoreError> {
+        let mut batch = Batch::default();
+        for s in seqs {
+            batch.remove(key(T_OUTBOX, doc, &[&s.to_be_bytes()]));
+        }
+        let remaining: Vec<(Vec<u8>, Vec<u8>)> = self
+            .backend
+            .scan(&key(T_OUTBOX, doc, &[]))?
+            .into_iter()
+            .filter(|(k, _)| be_u64(&k[17..]).is_some_and(|s| !seqs.contains(&s)))
+            .collect();
+        meta.pending = remaining.len() as u64;
+        meta.oldest_pending_ms = remaining
+            .iter()
+            .filter_map(|(_, v)| Some(i64::from_be_bytes(v.as_slice().try_into().ok()?)))
+            .min();
+        batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
+        self.backend.write(batch)?;
+        self.durable()
+    }
+
+    /// Replace the journal up to `covers` with a snapshot. The snapshot (new generation) and the
+    /// metadata pointing at it are made durable first; only then are the old generation and the
+    /// covered journal entries deleted — and never an entry still in the outbox, which the push
+    /// path reads from the journal.
+    pub fn compact(
+        &self,
+        doc: &DocId,
+        meta: &mut DocMeta,
+        snapshot: &[u8],
+        covers: u64,
+    ) -> Result<(), StoreError> {
+        let old_gen = meta.snapshot_gen;
+        let gen = old_gen + 1;
+        let mut batch = Batch::default();
+        meta.snapshot_chunks = put_chunks(
+            &mut batch,
+            key(T_SNAPSHOT, doc, &[&gen.to_be_bytes()]),
+            snapshot,
+            4,
+        );
+        meta.snapshot_gen = gen;
+        meta.snapshot_covers = covers;
+        let journal = self.journal(doc)?;
+        let remaining: Vec<&(u64, Vec<u8>)> =
+            journal.iter().filter(|(s, _)| *s >= covers).collect();
+        meta.tail_changes = remaining.len() as u64;
+        meta.tail_bytes = remaining.iter().map(|(_, b)| b.len() as u64).sum();
+        batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
+        self.backend.write(batch)?;
+        self.durable()?;
+
+        let outbox: Vec<u64> = self
+            .backend
+            .scan(&key(T_OUTBOX, doc, &[]))?
+            .into_iter()
+            .filter_map(|(k, _)| be_u64(&k[17..]))
+            .collect();
+        let mut batch = Batch::default();
+        for (k, _) in self.backend.scan(&key(T_CHANGE, doc, &[]))? {
+            if let Some(seq) = be_u64(&k[17..]) {
+                if seq < covers && !outbox.contains(&seq) {
+                    batch.remove(k);
+                }
+            }
+        }
+        if old_gen > 0 {
+            for (k, _) in self
+                .backend
+                .scan(&key(T_SNAPSHOT, doc, &[&old_gen.to_be_bytes()]))?
+            {
+                batch.remove(k);
+            }
+        }
+        self.backend.write(batch)?;
+        self.durable()
+    }
+
+    /// Mark a document whose bytes do not load: it is set aside with the reason (its data stays
+    /// in place for inspection) and reported instead of loaded.
+    pub fn quarantine(&self, doc: &DocId, reason: &str) -> Result<(), StoreError> {
+        let mut meta = self.meta(doc)?.unwrap_or_default();
+        let mut reason = reason.to_string();
+        reason.truncate(1024);
+        meta.quarantined = Some(reason);
+        self.put_meta(doc, &meta)
+    }
+
+    /// Clear a quarantine (after repairing or replacing the document's data).
+    pub fn release(&self, doc: &DocId) -> Result<(), StoreError> {
+        if let Some(mut meta) = self.meta(doc)? {
+            meta.quarantined = None;
+            self.put_meta(doc, &meta)?;
+        }
+        Ok(())
+    }
+
+    /// Read a sync metadata value.
+    pub fn sync_get(&self, name: &str) -> Result<Option<Vec<u8>>, StoreError> {
+        self.backend.get(&sync_key(name))
+    }
+
+    /// Write a sync metadata value (durable on return; at most 4 KiB).
+    pub fn sync_put(&self, name: &str, value: &[u8]) -> Result<(), StoreError> {
+        if value.len() > CHUNK {
+            return Err(StoreError::Io(format!(
+                "sync value '{name}' exceeds {CHUNK} bytes"
+            )));
+        }
+        let mut batch = Batch::default();
+        batch.put(sync_key(name), value.to_vec());
+        self.backend.write(batch)?;
+        self.durable()
+    }
+
+    /// Raw access for tests and tools that need to damage or inspect stored bytes.
+    #[doc(hidden)]
+    pub fn backend(&self) -> &dyn Backend {
+        &*self.backend
+    }
+}
