@@ -367,7 +367,7 @@ impl View<'_, Automerge> {
         if all.iter().all(|(v, _)| v == first) {
             return None;
         }
-        all.sort_by(|a, b| opid_key(&a.1).cmp(&opid_key(&b.1)));
+        all.sort_by_key(|a| opid_key(&a.1));
         let versions = all
             .into_iter()
             .map(|(value, id)| {

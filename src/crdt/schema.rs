@@ -347,13 +347,11 @@ impl SchemaBuilder {
         for m in self.migrations.iter().rev() {
             for s in m.steps.iter().rev() {
                 match s {
-                    Step::Add { ty: t, field, .. } if t == ty => {
-                        if !names.remove(field) {
-                            return bad(format!(
-                                "migration from {}: {ty}.{field} is added but is not a field of the current version (or was renamed/removed later)",
-                                m.from
-                            ));
-                        }
+                    Step::Add { ty: t, field, .. } if t == ty && !names.remove(field) => {
+                        return bad(format!(
+                            "migration from {}: {ty}.{field} is added but is not a field of the current version (or was renamed/removed later)",
+                            m.from
+                        ));
                     }
                     Step::Rename { ty: t, from, to } if t == ty => {
                         if !names.remove(to) {
@@ -364,13 +362,11 @@ impl SchemaBuilder {
                         }
                         names.insert(from.clone());
                     }
-                    Step::Remove { ty: t, field } if t == ty => {
-                        if !names.insert(field.clone()) {
-                            return bad(format!(
-                                "migration from {}: {ty}.{field} is removed but still a field afterwards",
-                                m.from
-                            ));
-                        }
+                    Step::Remove { ty: t, field } if t == ty && !names.insert(field.clone()) => {
+                        return bad(format!(
+                            "migration from {}: {ty}.{field} is removed but still a field afterwards",
+                            m.from
+                        ));
                     }
                     _ => {}
                 }

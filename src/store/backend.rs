@@ -28,11 +28,14 @@ impl Batch {
     }
 }
 
+/// Key-value pairs in key order.
+pub type Entries = Vec<(Vec<u8>, Vec<u8>)>;
+
 /// An ordered key-value store.
 pub trait Backend: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every entry whose key starts with `prefix`, in key order.
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError>;
+    fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError>;
     /// Apply a batch atomically (not yet durable).
     fn write(&self, batch: Batch) -> Result<(), StoreError>;
     /// Make every applied batch durable.
@@ -96,7 +99,7 @@ impl Backend for SledBackend {
         Ok(self.tree.get(key)?.map(|v| v.to_vec()))
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
         self.tree
             .scan_prefix(prefix)
             .map(|r| {
@@ -143,7 +146,7 @@ impl Backend for MemoryBackend {
             .cloned())
     }
 
-    fn scan(&self, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         Ok(map
             .range(prefix.to_vec()..)

@@ -442,7 +442,7 @@ impl Store {
         for s in seqs {
             batch.remove(key(T_OUTBOX, doc, &[&s.to_be_bytes()]));
         }
-        let remaining: Vec<(Vec<u8>, Vec<u8>)> = self
+        let remaining: backend::Entries = self
             .backend
             .scan(&key(T_OUTBOX, doc, &[]))?
             .into_iter()
