@@ -40,6 +40,7 @@ pub mod error;
 pub mod ids;
 pub mod repo;
 pub mod store;
+pub mod transport;
 
 pub use crdt::history::{ChangeInfo, FieldDiff};
 pub use crdt::schema::{Schema, Strategy};
