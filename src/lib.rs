@@ -38,6 +38,7 @@
 pub mod crdt;
 pub mod error;
 pub mod ids;
+pub mod relay;
 pub mod repo;
 pub mod store;
 pub mod transport;
