@@ -272,6 +272,29 @@ mod tests {
     /// every client written from them) are wrong.
     #[test]
     fn wire_layout_matches_the_protocol_doc() {
+        let hello = ClientMsg::Hello {
+            version: 1,
+            device: [0x11; 16],
+            feeds: vec![FeedCursor {
+                namespace: "notes".into(),
+                cursor: 42,
+            }],
+        };
+        let mut expected = vec![0, 1];
+        expected.extend([0x11; 16]);
+        expected.extend([1, 5, b'n', b'o', b't', b'e', b's', 42]);
+        assert_eq!(encode(&hello, 64).unwrap(), expected);
+
+        let ack = RelayMsg::Ack {
+            doc: doc(0x22),
+            batch: 9,
+            seqs: vec![7, 300],
+        };
+        let mut expected = vec![4];
+        expected.extend([0x22; 16]);
+        expected.extend([9, 2, 7, 251, 0x2c, 0x01]);
+        assert_eq!(encode(&ack, 64).unwrap(), expected);
+
         let ping = encode(&ClientMsg::Ping { nonce: 300 }, 64).unwrap();
         assert_eq!(ping, [5, 251, 0x2c, 0x01]);
 
