@@ -38,8 +38,10 @@
 pub mod crdt;
 pub mod error;
 pub mod ids;
+pub mod relay;
 pub mod repo;
 pub mod store;
+pub mod transport;
 
 pub use crdt::history::{ChangeInfo, FieldDiff};
 pub use crdt::schema::{Schema, Strategy};
