@@ -48,4 +48,6 @@ pub use crdt::schema::{Schema, Strategy};
 pub use crdt::{ConflictVersion, FieldConflict};
 pub use error::Error;
 pub use ids::{DeviceId, DocId};
-pub use repo::{Applied, DocStatus, Entity, Event, Origin, Repo, RepoOptions, Tx};
+pub use repo::{
+    Applied, ConnState, Direction, DocStatus, Entity, Event, Origin, Repo, RepoOptions, Tx,
+};

@@ -87,6 +87,34 @@ pub enum Event {
     ConflictResolved { doc: DocId, field: String },
     /// A document's status changed.
     Status { doc: DocId, status: DocStatus },
+    /// The connection to the relay changed state.
+    Connection(ConnState),
+    /// Sync progress: bytes done out of a total, per direction (sync layer).
+    Progress {
+        direction: Direction,
+        done: u64,
+        total: u64,
+    },
+}
+
+/// The state of the connection to the relay.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnState {
+    /// Not connected; the sync task waits before retrying (or was never started).
+    Offline,
+    /// Connecting or handshaking.
+    Connecting,
+    /// Connected and synchronising.
+    Online,
+}
+
+/// Which way data flows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Direction {
+    Upload,
+    Download,
 }
 
 /// The sync status of one document.
@@ -286,7 +314,7 @@ impl Repo {
         self.inner.events.subscribe()
     }
 
-    fn emit(&self, e: Event) {
+    pub(crate) fn emit(&self, e: Event) {
         // No receiver is fine: events are a convenience, the store is the truth.
         let _ = self.inner.events.send(e);
     }
@@ -893,6 +921,77 @@ impl Repo {
             };
         }
         self.emit_status(id);
+    }
+
+    /// Documents with local changes no relay has acknowledged.
+    pub fn outbox_docs(&self) -> Result<Vec<DocId>, Error> {
+        Ok(self.inner.store.outbox_docs()?)
+    }
+
+    /// The unacknowledged local changes of a document: (journal seq, change bytes), in order.
+    pub fn outbox(&self, id: &DocId) -> Result<Vec<(u64, Vec<u8>)>, Error> {
+        Ok(self.inner.store.outbox(id)?)
+    }
+
+    /// Update a document's metadata through `f` and persist it durably, keeping the loaded
+    /// copy (if any) in step.
+    fn update_meta<T>(
+        &self,
+        id: &DocId,
+        f: impl FnOnce(&Store, &mut DocMeta) -> Result<T, StoreError>,
+    ) -> Result<T, Error> {
+        let entry = lock(&self.inner.docs).get(id).cloned();
+        match entry {
+            Some(e) => {
+                let mut l = lock(&e);
+                let mut meta = l.meta.clone();
+                let r = f(&self.inner.store, &mut meta)?;
+                l.meta = meta;
+                Ok(r)
+            }
+            None => {
+                let mut meta = self.inner.store.meta(id)?.ok_or(Error::NotFound(*id))?;
+                Ok(f(&self.inner.store, &mut meta)?)
+            }
+        }
+    }
+
+    /// A relay acknowledged these journal seqs of `id`: they leave the outbox (durably).
+    pub fn ack(&self, id: &DocId, seqs: &[u64]) -> Result<(), Error> {
+        self.update_meta(id, |store, meta| store.ack(id, meta, seqs))?;
+        self.emit_status(id);
+        Ok(())
+    }
+
+    /// Remember the last relay log seq applied to `id` (durable on return).
+    pub fn set_relay_seq(&self, id: &DocId, seq: u64) -> Result<(), Error> {
+        self.update_meta(id, |store, meta| {
+            meta.relay_seq = seq;
+            store.put_meta(id, meta)
+        })
+    }
+
+    /// Apply a saved document (a relay's snapshot) as remote changes.
+    pub fn apply_snapshot(
+        &self,
+        id: &DocId,
+        namespace: &str,
+        bytes: &[u8],
+    ) -> Result<Applied, Error> {
+        if bytes.len() > MAX_IMPORT_BYTES {
+            return Err(Error::InvalidData(format!(
+                "a snapshot of {} bytes is over the limit",
+                bytes.len()
+            )));
+        }
+        let doc = guarded(|| Automerge::load(bytes).map_err(|e| e.to_string()))
+            .map_err(|e| Error::InvalidData(format!("snapshot: {e}")))?;
+        let changes: Vec<Vec<u8>> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        self.apply_remote(id, namespace, &changes)
     }
 
     /// Metadata of a document (namespace, pending count, relay cursor...).

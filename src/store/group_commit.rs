@@ -22,9 +22,17 @@ struct State {
     flushing: bool,
     /// The last failed flush: tickets up to it failed with this message.
     failed: Option<(u64, String)>,
+    /// Flushes run (for metrics and benchmarks: tickets / flushes is the batching factor).
+    flushes: u64,
 }
 
 impl GroupCommit {
+    /// (tickets taken, flushes run).
+    pub(super) fn counts(&self) -> (u64, u64) {
+        let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (st.taken, st.flushes)
+    }
+
     pub(super) fn sync(&self, backend: &dyn Backend) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.taken += 1;
@@ -45,6 +53,7 @@ impl GroupCommit {
                 let result = backend.sync();
                 st = self.state.lock().unwrap_or_else(|p| p.into_inner());
                 st.flushing = false;
+                st.flushes += 1;
                 match result {
                     Ok(()) => st.durable = st.durable.max(target),
                     Err(e) => st.failed = Some((target, e.to_string())),

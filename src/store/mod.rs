@@ -289,6 +289,12 @@ impl Store {
         self.commit.sync(&*self.backend)
     }
 
+    /// (durability requests, flushes run) since open: their ratio is how well group commit
+    /// batches.
+    pub fn flush_counts(&self) -> (u64, u64) {
+        self.commit.counts()
+    }
+
     /// The metadata of one document.
     pub fn meta(&self, doc: &DocId) -> Result<Option<DocMeta>, StoreError> {
         self.backend
