@@ -1,4 +1,14 @@
-//! The relay server. So far only its authentication (JWT tokens and namespace scopes); the
-//! change log, feed, fan-out and storage live in sibling modules as they are written.
+//! The relay server: it makes each change durable in a per-document log, gives it a logical
+//! cursor (its seq), announces it in its namespace's feed, and fans it out to the connections
+//! subscribed to it. It never holds documents in memory on that path.
+//!
+//! - [`auth`]: JWT tokens and namespace scopes.
+//! - [`log`]: the durable state (logs, hash index, feeds, snapshots), socket-free.
+//! - [`server`]: the tokio/axum shell: `/v1` WebSocket, `/healthz`, `/metrics`, connection
+//!   limits, fan-out, graceful shutdown.
 
 pub mod auth;
+pub mod log;
+pub mod server;
+
+pub use server::{start, Auth, RelayConfig, RelayHandle};

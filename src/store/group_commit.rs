@@ -4,11 +4,11 @@
 
 use std::sync::{Condvar, Mutex};
 
-use super::backend::Backend;
+use super::Backend;
 use super::StoreError;
 
 #[derive(Default)]
-pub(super) struct GroupCommit {
+pub(crate) struct GroupCommit {
     state: Mutex<State>,
     done: Condvar,
 }
@@ -28,12 +28,12 @@ struct State {
 
 impl GroupCommit {
     /// (tickets taken, flushes run).
-    pub(super) fn counts(&self) -> (u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64) {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (st.taken, st.flushes)
     }
 
-    pub(super) fn sync(&self, backend: &dyn Backend) -> Result<(), StoreError> {
+    pub(crate) fn sync(&self, backend: &dyn Backend) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.taken += 1;
         let mine = st.taken;

@@ -25,8 +25,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
 
-pub use backend::{Backend, Batch, MemoryBackend, SledBackend};
-use group_commit::GroupCommit;
+pub use backend::{Backend, Batch, Entries, MemoryBackend, SledBackend};
+pub(crate) use group_commit::GroupCommit;
 
 use crate::ids::{DeviceId, DocId};
 
@@ -156,7 +156,7 @@ fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
-fn key(tag: u8, doc: &DocId, rest: &[&[u8]]) -> Vec<u8> {
+pub(crate) fn key(tag: u8, doc: &DocId, rest: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + 16 + 16);
     k.push(tag);
     k.extend_from_slice(doc.as_bytes());
@@ -172,7 +172,7 @@ fn sync_key(name: &str) -> Vec<u8> {
     k
 }
 
-fn be_u64(b: &[u8]) -> Option<u64> {
+pub(crate) fn be_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(b.get(..8)?.try_into().ok()?))
 }
 
@@ -201,7 +201,12 @@ fn decode_meta(bytes: &[u8]) -> Result<DocMeta, StoreError> {
 }
 
 /// Split `bytes` into ≤ 4 KiB chunks, keyed by `prefix` + chunk index.
-fn put_chunks(batch: &mut Batch, prefix: Vec<u8>, bytes: &[u8], index_width: usize) -> u32 {
+pub(crate) fn put_chunks(
+    batch: &mut Batch,
+    prefix: Vec<u8>,
+    bytes: &[u8],
+    index_width: usize,
+) -> u32 {
     let mut n = 0u32;
     for (i, chunk) in bytes.chunks(CHUNK).enumerate() {
         let mut k = prefix.clone();

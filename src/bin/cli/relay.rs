@@ -1,0 +1,167 @@
+//! `tandem relay` and `tandem token`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use anyhow::Context;
+use clap::Args;
+use tandem::relay::auth::{mint, Secret};
+use tandem::relay::{start, Auth, RelayConfig};
+
+use super::{Cli, CmdResult, Failure, EXIT_USAGE};
+
+#[derive(Args, Debug)]
+pub struct RelayArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7878")]
+    pub listen: SocketAddr,
+    /// HS256 secret for verifying tokens (trailing whitespace is trimmed).
+    #[arg(long, value_name = "FILE", conflicts_with = "insecure_no_auth")]
+    pub jwt_secret_file: Option<PathBuf>,
+    /// Accept every connection without a token (local development only).
+    #[arg(long)]
+    pub insecure_no_auth: bool,
+    /// Most simultaneous connections.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: usize,
+    /// Largest frame either way, in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_frame_bytes: u64,
+    /// Most changes in one push.
+    #[arg(long, default_value_t = 1000)]
+    pub max_changes_per_push: u32,
+    /// Largest single change, in bytes.
+    #[arg(long, default_value_t = 8 << 20)]
+    pub max_change_bytes: u64,
+    /// Most documents one connection may subscribe to by id.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_docs_per_connection: u32,
+    /// Seconds a new connection has to send its hello.
+    #[arg(long, default_value_t = 10)]
+    pub handshake_timeout: u64,
+    /// Seconds of silence after which a connection is closed.
+    #[arg(long, default_value_t = 90)]
+    pub idle_timeout: u64,
+    /// Compact a document's log after this many changes.
+    #[arg(long, default_value_t = 10_000)]
+    pub compact_after: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct TokenArgs {
+    /// The secret the relay verifies with.
+    #[arg(long, value_name = "FILE")]
+    pub jwt_secret_file: PathBuf,
+    /// Who the token is for.
+    #[arg(long)]
+    pub sub: String,
+    /// Namespace(s) the token grants (repeat or comma-separate).
+    #[arg(long = "ns", value_delimiter = ',', required = true)]
+    pub ns: Vec<String>,
+    /// Grant write (and so read); otherwise read only.
+    #[arg(long)]
+    pub write: bool,
+    /// Lifetime: 30s, 15m, 1h, 7d.
+    #[arg(long, default_value = "1h")]
+    pub ttl: String,
+}
+
+/// Parse `90`, `30s`, `15m`, `1h`, `7d`.
+pub fn parse_duration(s: &str) -> Result<Duration, Failure> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().map_err(|_| {
+        Failure::new(
+            EXIT_USAGE,
+            format!("'{s}' is not a duration (try 30s, 15m, 1h, 7d)"),
+        )
+    })?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                format!("'{s}': unknown unit '{unit}' (use s, m, h or d)"),
+            ))
+        }
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+pub fn token(_cli: &Cli, args: &TokenArgs) -> CmdResult {
+    let secret =
+        Secret::from_file(&args.jwt_secret_file).map_err(|e| Failure::new(1, e.to_string()))?;
+    let ttl = parse_duration(&args.ttl)?;
+    let (read, write) = if args.write {
+        (vec![], args.ns.clone())
+    } else {
+        (args.ns.clone(), vec![])
+    };
+    println!(
+        "{}",
+        mint(&secret, &args.sub, &read, &write, ttl, SystemTime::now())
+    );
+    Ok(())
+}
+
+pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
+    let auth = match (&args.jwt_secret_file, args.insecure_no_auth) {
+        (Some(f), false) => Auth::Jwt(Arc::new(Secret::from_file(f).map_err(|e| Failure::new(1, e.to_string()))?)),
+        (None, true) => Auth::InsecureNoAuth,
+        _ => {
+            return Err(Failure::new(
+                EXIT_USAGE,
+                "choose how clients authenticate: --jwt-secret-file FILE, or --insecure-no-auth for local development",
+            ))
+        }
+    };
+    let data = cli.data_dir("TANDEM_RELAY_DATA", "./tandem-relay");
+    let mut cfg = RelayConfig::new(args.listen, Some(data), auth);
+    cfg.max_connections = args.max_connections;
+    cfg.limits.max_frame_bytes = args.max_frame_bytes;
+    cfg.limits.max_changes_per_push = args.max_changes_per_push;
+    cfg.limits.max_change_bytes = args.max_change_bytes;
+    cfg.limits.max_docs_per_connection = args.max_docs_per_connection;
+    cfg.handshake_timeout = Duration::from_secs(args.handshake_timeout);
+    cfg.idle_timeout = Duration::from_secs(args.idle_timeout);
+    cfg.compact_after = args.compact_after;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async move {
+        let handle = start(cfg)
+            .await
+            .map_err(|e| Failure::new(1, format!("relay: {e}")))?;
+        // Scripts and tests read the bound address (useful with port 0) from stdout.
+        println!("listening on {}", handle.addr);
+        shutdown_signal().await;
+        tracing::info!("shutting down: finishing accepted work");
+        handle.shutdown().await.context("relay shutdown")?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = tokio::signal::ctrl_c().await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

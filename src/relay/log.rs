@@ -1,0 +1,617 @@
+//! The relay's durable state: per-document change logs with a hash index, a catalog feed per
+//! namespace, compacted snapshots, and the relay's identity. Socket-free and synchronous (it
+//! blocks on sled: call it from `spawn_blocking`), so the relay's rules are tested without a
+//! network.
+//!
+//! The relay never holds documents in memory on the push path: whether a change is new, a
+//! duplicate, a reuse of an (actor, seq) with other bytes, or missing a dependency is decided
+//! from the hash index alone. It loads a document only to compact its log.
+//!
+//! Key spaces (one sled tree, a tag byte in front, big-endian numbers):
+//!
+//! | tag | key | value |
+//! |---|---|---|
+//! | `D` | doc | [`DocRecord`] |
+//! | `L` | doc, seq, chunk | a chunk (≤ 4 KiB) of the change with that log seq |
+//! | `I` | doc, seq | total log bytes up to and including seq (for `remaining_bytes`) |
+//! | `H` | doc, hash | seq of the change with that hash |
+//! | `A` | doc, actor len, actor, actor seq | hash of that (actor, seq) |
+//! | `F` | namespace, 0, position | feed entry: doc, seq |
+//! | `P` | namespace, 0, doc | position of the doc's latest feed entry (older ones are dropped) |
+//! | `S` | doc, generation, chunk | a chunk of a compacted snapshot |
+//! | `R` | name | relay metadata: identity, feed position counter |
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use automerge::{Automerge, Change, ChangeHash};
+use serde::{Deserialize, Serialize};
+
+use crate::ids::DocId;
+use crate::store::{
+    be_u64, key, put_chunks, Backend, Batch, GroupCommit, MemoryBackend, SledBackend, StoreError,
+    StoreOptions, CHUNK,
+};
+use crate::transport::FeedEntry;
+
+const T_DOC: u8 = b'D';
+const T_LOG: u8 = b'L';
+const T_CUM: u8 = b'I';
+const T_HASH: u8 = b'H';
+const T_ACTOR: u8 = b'A';
+const T_FEED: u8 = b'F';
+const T_FEEDPOS: u8 = b'P';
+const T_SNAP: u8 = b'S';
+const T_META: u8 = b'R';
+
+/// The first byte after the 8-byte header of an Automerge storage chunk says its type:
+/// 1 = a change, 2 = a compressed change. Compressed changes inflate without a bound inside
+/// Automerge, so peers must send raw changes (what `Change::raw_bytes` gives).
+const CHUNK_TYPE_OFFSET: usize = 8;
+const CHUNK_TYPE_CHANGE: u8 = 1;
+
+/// What the relay keeps about a document.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DocRecord {
+    pub namespace: String,
+    /// The last log seq.
+    pub head: u64,
+    /// Total bytes of all changes ever logged.
+    pub log_bytes: u64,
+    /// Seqs up to this one are only in the snapshot (0: never compacted).
+    pub compacted_upto: u64,
+    pub snapshot_gen: u64,
+    pub snapshot_chunks: u32,
+}
+
+/// Why a push was refused (nothing of it was stored).
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PushError {
+    #[error("change {index} is not a valid Automerge change: {reason}")]
+    BadChange { index: usize, reason: String },
+    #[error("change {index}: ({actor}, {seq}) is already in the log with another hash")]
+    HashMismatch {
+        index: usize,
+        actor: String,
+        seq: u64,
+    },
+    #[error("document belongs to namespace '{0}'")]
+    WrongNamespace(String),
+    #[error("change {index} depends on changes the relay does not have")]
+    NeedHistory { index: usize },
+    #[error("storage failed: {0}")]
+    Storage(String),
+}
+
+impl From<StoreError> for PushError {
+    fn from(e: StoreError) -> Self {
+        PushError::Storage(e.to_string())
+    }
+}
+
+/// An accepted push.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pushed {
+    /// The log seq of each pushed change, in push order (a duplicate keeps its seq).
+    pub seqs: Vec<u64>,
+    /// The changes that were new: (first seq, bytes in seq order). Empty when all were known.
+    pub new_from: u64,
+    pub new_changes: Vec<Vec<u8>>,
+}
+
+/// One page of a pull.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Page {
+    pub namespace: String,
+    pub from: u64,
+    pub to: u64,
+    pub changes: Vec<Vec<u8>>,
+    pub more: bool,
+    pub remaining_bytes: u64,
+    /// Present when the cursor was older than the compaction point: the saved document with
+    /// seqs 1..=upto, sent before the page.
+    pub snapshot: Option<(u64, Vec<u8>)>,
+}
+
+/// Counters the relay exports on /metrics.
+#[derive(Default)]
+pub struct LogStats {
+    pub pushes: AtomicU64,
+    pub changes_accepted: AtomicU64,
+    pub changes_duplicate: AtomicU64,
+    pub pushes_refused: AtomicU64,
+    pub pulls: AtomicU64,
+    pub pulled_changes: AtomicU64,
+    pub pulled_bytes: AtomicU64,
+    pub feed_pages: AtomicU64,
+    pub compactions: AtomicU64,
+}
+
+/// The relay's storage.
+pub struct RelayLog {
+    backend: Box<dyn Backend>,
+    commit: GroupCommit,
+    /// Serialises validate-and-append (microseconds: parsing happens before, the flush after),
+    /// so seqs and feed positions are gap-free and the hash index is consistent.
+    append: Mutex<()>,
+    feed_pos: AtomicU64,
+    relay_id: [u8; 16],
+    pub stats: LogStats,
+    /// Compact a document's log once this many changes sit after its snapshot.
+    pub compact_after: u64,
+    compacting: Mutex<HashSet<DocId>>,
+}
+
+fn ns_key(tag: u8, ns: &str, rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + ns.len() + 24);
+    k.push(tag);
+    k.extend_from_slice(ns.as_bytes());
+    k.push(0);
+    for r in rest {
+        k.extend_from_slice(r);
+    }
+    k
+}
+
+fn meta_key(name: &str) -> Vec<u8> {
+    let mut k = vec![T_META];
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn cfg() -> impl bincode::config::Config {
+    bincode::config::standard().with_limit::<CHUNK>()
+}
+
+fn encode_record(r: &DocRecord) -> Result<Vec<u8>, StoreError> {
+    bincode::serde::encode_to_vec(r, cfg()).map_err(|e| StoreError::Io(e.to_string()))
+}
+
+fn decode_record(b: &[u8]) -> Result<DocRecord, StoreError> {
+    bincode::serde::decode_from_slice(b, cfg())
+        .map(|(r, _)| r)
+        .map_err(|e| StoreError::Corrupt(format!("document record: {e}")))
+}
+
+/// A namespace name the relay accepts: it is part of keys, so no NUL, and bounded.
+pub fn valid_namespace(ns: &str) -> bool {
+    !ns.is_empty() && ns.len() <= 128 && !ns.chars().any(|c| c.is_control())
+}
+
+/// Parse a change a peer sent, refusing compressed chunks before Automerge inflates anything.
+pub fn parse_change(bytes: &[u8]) -> Result<Change, String> {
+    match bytes.get(CHUNK_TYPE_OFFSET) {
+        Some(&CHUNK_TYPE_CHANGE) => {}
+        Some(2) => return Err("compressed changes are not accepted; send raw change bytes".into()),
+        _ => return Err("not an Automerge change chunk".into()),
+    }
+    std::panic::catch_unwind(|| Change::from_bytes(bytes.to_vec()))
+        .map_err(|_| "automerge panicked on these bytes".to_string())?
+        .map_err(|e| e.to_string())
+}
+
+impl RelayLog {
+    /// Open (or create) the relay's folder.
+    pub fn open(path: impl AsRef<Path>) -> Result<RelayLog, StoreError> {
+        let backend = SledBackend::open(path.as_ref(), &StoreOptions::default())?;
+        RelayLog::with_backend(Box::new(backend))
+    }
+
+    /// A relay log in memory (tests).
+    pub fn in_memory() -> RelayLog {
+        RelayLog::with_backend(Box::new(MemoryBackend::default())).expect("memory relay log")
+    }
+
+    fn with_backend(backend: Box<dyn Backend>) -> Result<RelayLog, StoreError> {
+        let mut batch = Batch::default();
+        let relay_id = match backend.get(&meta_key("id"))? {
+            Some(v) => v
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("relay id".into()))?,
+            None => {
+                let id: [u8; 16] = rand::random();
+                batch.put(meta_key("id"), id.to_vec());
+                id
+            }
+        };
+        let feed_pos = match backend.get(&meta_key("feedpos"))? {
+            Some(v) => be_u64(&v).ok_or_else(|| StoreError::Corrupt("feed position".into()))?,
+            None => 0,
+        };
+        let log = RelayLog {
+            backend,
+            commit: GroupCommit::default(),
+            append: Mutex::new(()),
+            feed_pos: AtomicU64::new(feed_pos),
+            relay_id,
+            stats: LogStats::default(),
+            compact_after: 10_000,
+            compacting: Mutex::new(HashSet::new()),
+        };
+        if !batch.is_empty() {
+            log.backend.write(batch)?;
+            log.durable()?;
+        }
+        Ok(log)
+    }
+
+    /// Made when this storage was created; a client that sees another one re-pushes.
+    pub fn relay_id(&self) -> [u8; 16] {
+        self.relay_id
+    }
+
+    /// Make everything applied so far durable (group commit).
+    pub fn durable(&self) -> Result<(), StoreError> {
+        self.commit.sync(&*self.backend)
+    }
+
+    /// (durability requests, flushes).
+    pub fn flush_counts(&self) -> (u64, u64) {
+        self.commit.counts()
+    }
+
+    /// A document's record.
+    pub fn record(&self, doc: &DocId) -> Result<Option<DocRecord>, StoreError> {
+        self.backend
+            .get(&key(T_DOC, doc, &[]))?
+            .map(|b| decode_record(&b))
+            .transpose()
+    }
+
+    /// Every namespace that has documents (for the hello of an unauthenticated relay).
+    pub fn namespaces(&self) -> Result<Vec<String>, StoreError> {
+        let mut out: Vec<String> = Vec::new();
+        let mut start = vec![T_FEEDPOS];
+        loop {
+            let found = self.backend.scan_from(&[T_FEEDPOS], &start, 1)?;
+            let Some((k, _)) = found.first() else { break };
+            let end = k[1..]
+                .iter()
+                .position(|b| *b == 0)
+                .map(|p| p + 1)
+                .unwrap_or(k.len());
+            let ns = String::from_utf8_lossy(&k[1..end]).to_string();
+            // Jump past every key of this namespace.
+            start = vec![T_FEEDPOS];
+            start.extend_from_slice(ns.as_bytes());
+            start.push(1);
+            out.push(ns);
+        }
+        Ok(out)
+    }
+
+    /// Validate and append a push; durable on return. All or nothing.
+    pub fn push(
+        &self,
+        namespace: &str,
+        doc: &DocId,
+        changes: &[Vec<u8>],
+    ) -> Result<Pushed, PushError> {
+        self.stats.pushes.fetch_add(1, Ordering::Relaxed);
+        let r = self.push_inner(namespace, doc, changes);
+        if r.is_err() {
+            self.stats.pushes_refused.fetch_add(1, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn push_inner(
+        &self,
+        namespace: &str,
+        doc: &DocId,
+        changes: &[Vec<u8>],
+    ) -> Result<Pushed, PushError> {
+        // Parse (and hash) outside the lock: it is the expensive part.
+        let mut parsed = Vec::with_capacity(changes.len());
+        for (index, bytes) in changes.iter().enumerate() {
+            let c = parse_change(bytes).map_err(|reason| PushError::BadChange { index, reason })?;
+            parsed.push(c);
+        }
+        if parsed.is_empty() {
+            return Ok(Pushed {
+                seqs: Vec::new(),
+                new_from: 0,
+                new_changes: Vec::new(),
+            });
+        }
+        let guard = self.append.lock().unwrap_or_else(|p| p.into_inner());
+        let mut rec = match self.record(doc)? {
+            Some(r) if r.namespace != namespace => {
+                return Err(PushError::WrongNamespace(r.namespace))
+            }
+            Some(r) => r,
+            None => DocRecord {
+                namespace: namespace.to_string(),
+                ..DocRecord::default()
+            },
+        };
+        let mut batch = Batch::default();
+        let mut in_batch: HashMap<ChangeHash, u64> = HashMap::new();
+        let mut seqs = Vec::with_capacity(parsed.len());
+        let new_from = rec.head + 1;
+        let mut new_changes = Vec::new();
+        for (index, c) in parsed.iter().enumerate() {
+            let hash = c.hash();
+            if let Some(seq) = in_batch.get(&hash) {
+                seqs.push(*seq);
+                continue;
+            }
+            if let Some(v) = self.backend.get(&key(T_HASH, doc, &[&hash.0]))? {
+                seqs.push(be_u64(&v).ok_or_else(|| StoreError::Corrupt("hash index".into()))?);
+                self.stats.changes_duplicate.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let actor = c.actor_id().to_bytes();
+            let actor_key = key(
+                T_ACTOR,
+                doc,
+                &[&[actor.len() as u8], actor, &c.seq().to_be_bytes()],
+            );
+            if self.backend.get(&actor_key)?.is_some() {
+                return Err(PushError::HashMismatch {
+                    index,
+                    actor: hex::encode(actor),
+                    seq: c.seq(),
+                });
+            }
+            for dep in c.deps() {
+                if !in_batch.contains_key(dep)
+                    && self.backend.get(&key(T_HASH, doc, &[&dep.0]))?.is_none()
+                {
+                    return Err(PushError::NeedHistory { index });
+                }
+            }
+            rec.head += 1;
+            let seq = rec.head;
+            let bytes = &changes[index];
+            rec.log_bytes += bytes.len() as u64;
+            put_chunks(&mut batch, key(T_LOG, doc, &[&seq.to_be_bytes()]), bytes, 2);
+            batch.put(
+                key(T_CUM, doc, &[&seq.to_be_bytes()]),
+                rec.log_bytes.to_be_bytes().to_vec(),
+            );
+            batch.put(key(T_HASH, doc, &[&hash.0]), seq.to_be_bytes().to_vec());
+            batch.put(actor_key, hash.0.to_vec());
+            in_batch.insert(hash, seq);
+            seqs.push(seq);
+            new_changes.push(bytes.clone());
+        }
+        if !new_changes.is_empty() {
+            // One feed entry per document: the newest supersedes the older one.
+            let pos_key = ns_key(T_FEEDPOS, namespace, &[doc.as_bytes()]);
+            if let Some(old) = self.backend.get(&pos_key)? {
+                batch.remove(ns_key(T_FEED, namespace, &[&old]));
+            }
+            let pos = self.feed_pos.fetch_add(1, Ordering::SeqCst) + 1;
+            let mut entry = doc.as_bytes().to_vec();
+            entry.extend_from_slice(&rec.head.to_be_bytes());
+            batch.put(ns_key(T_FEED, namespace, &[&pos.to_be_bytes()]), entry);
+            batch.put(pos_key, pos.to_be_bytes().to_vec());
+            batch.put(meta_key("feedpos"), pos.to_be_bytes().to_vec());
+            batch.put(key(T_DOC, doc, &[]), encode_record(&rec)?);
+            self.backend.write(batch)?;
+            self.stats
+                .changes_accepted
+                .fetch_add(new_changes.len() as u64, Ordering::Relaxed);
+        }
+        drop(guard);
+        // Duplicates too: the change they duplicate may have been applied by a push whose
+        // flush has not finished yet. Nothing is acknowledged before it is durable.
+        self.durable()?;
+        Ok(Pushed {
+            seqs,
+            new_from,
+            new_changes,
+        })
+    }
+
+    /// One page of `doc`'s log after `after`, at most `max_bytes` (at least one change when any
+    /// remain). A cursor before the compaction point gets the snapshot first.
+    pub fn pull(&self, doc: &DocId, after: u64, max_bytes: u64) -> Result<Page, StoreError> {
+        self.stats.pulls.fetch_add(1, Ordering::Relaxed);
+        let Some(rec) = self.record(doc)? else {
+            return Ok(Page {
+                namespace: String::new(),
+                from: after + 1,
+                to: after,
+                changes: Vec::new(),
+                more: false,
+                remaining_bytes: 0,
+                snapshot: None,
+            });
+        };
+        let mut snapshot = None;
+        let mut after = after.min(rec.head);
+        if after < rec.compacted_upto {
+            let bytes: Vec<u8> = self
+                .backend
+                .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?
+                .into_iter()
+                .flat_map(|(_, v)| v)
+                .collect();
+            snapshot = Some((rec.compacted_upto, bytes));
+            after = rec.compacted_upto;
+        }
+        let from = after + 1;
+        let mut changes: Vec<Vec<u8>> = Vec::new();
+        let mut bytes = 0u64;
+        let mut seq = from;
+        while seq <= rec.head {
+            let entries = self.backend.scan(&key(T_LOG, doc, &[&seq.to_be_bytes()]))?;
+            if entries.is_empty() {
+                return Err(StoreError::Corrupt(format!("log of {doc} lacks seq {seq}")));
+            }
+            let change: Vec<u8> = entries.into_iter().flat_map(|(_, v)| v).collect();
+            if !changes.is_empty() && bytes + change.len() as u64 > max_bytes {
+                break;
+            }
+            bytes += change.len() as u64;
+            changes.push(change);
+            seq += 1;
+        }
+        let to = from + changes.len() as u64 - 1;
+        let cum_to = match self.backend.get(&key(T_CUM, doc, &[&to.to_be_bytes()]))? {
+            Some(v) => be_u64(&v).unwrap_or(rec.log_bytes),
+            None => rec.log_bytes,
+        };
+        self.stats
+            .pulled_changes
+            .fetch_add(changes.len() as u64, Ordering::Relaxed);
+        self.stats.pulled_bytes.fetch_add(bytes, Ordering::Relaxed);
+        Ok(Page {
+            namespace: rec.namespace,
+            from,
+            to,
+            more: to < rec.head,
+            remaining_bytes: rec.log_bytes.saturating_sub(cum_to),
+            changes,
+            snapshot,
+        })
+    }
+
+    /// One page of `namespace`'s feed after position `after`.
+    pub fn feed(
+        &self,
+        namespace: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<FeedEntry>, u64, bool), StoreError> {
+        self.stats.feed_pages.fetch_add(1, Ordering::Relaxed);
+        let prefix = ns_key(T_FEED, namespace, &[]);
+        let start = ns_key(T_FEED, namespace, &[&(after + 1).to_be_bytes()]);
+        let found = self.backend.scan_from(&prefix, &start, limit + 1)?;
+        let more = found.len() > limit;
+        let mut next = after;
+        let mut entries = Vec::new();
+        for (k, v) in found.into_iter().take(limit) {
+            let pos =
+                be_u64(&k[prefix.len()..]).ok_or_else(|| StoreError::Corrupt("feed key".into()))?;
+            let doc: [u8; 16] = v
+                .get(..16)
+                .and_then(|s| s.try_into().ok())
+                .ok_or_else(|| StoreError::Corrupt("feed entry".into()))?;
+            let seq = be_u64(&v[16..]).ok_or_else(|| StoreError::Corrupt("feed entry".into()))?;
+            entries.push(FeedEntry {
+                doc: DocId(doc),
+                seq,
+            });
+            next = pos;
+        }
+        Ok((entries, next, more))
+    }
+
+    /// Whether `doc`'s log is long enough to compact.
+    pub fn wants_compaction(&self, doc: &DocId) -> bool {
+        match self.record(doc) {
+            Ok(Some(r)) => r.head - r.compacted_upto >= self.compact_after,
+            _ => false,
+        }
+    }
+
+    /// Fold `doc`'s whole log into a snapshot and drop the log prefix it covers. The snapshot
+    /// and the record pointing at it are durable before anything is deleted; the hash and actor
+    /// indexes stay (dedupe needs them forever).
+    pub fn compact(&self, doc: &DocId) -> Result<(), StoreError> {
+        if !self
+            .compacting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(*doc)
+        {
+            return Ok(());
+        }
+        let r = self.compact_inner(doc);
+        self.compacting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(doc);
+        r
+    }
+
+    fn compact_inner(&self, doc: &DocId) -> Result<(), StoreError> {
+        let Some(rec) = self.record(doc)? else {
+            return Ok(());
+        };
+        let upto = rec.head;
+        if upto <= rec.compacted_upto {
+            return Ok(());
+        }
+        let mut am = Automerge::new();
+        if rec.compacted_upto > 0 {
+            let bytes: Vec<u8> = self
+                .backend
+                .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?
+                .into_iter()
+                .flat_map(|(_, v)| v)
+                .collect();
+            am = Automerge::load(&bytes)
+                .map_err(|e| StoreError::Corrupt(format!("snapshot of {doc}: {e}")))?;
+        }
+        let mut changes = Vec::new();
+        let mut current: Option<(u64, Vec<u8>)> = None;
+        for (k, v) in self.backend.scan(&key(T_LOG, doc, &[]))? {
+            let seq = be_u64(&k[17..]).ok_or_else(|| StoreError::Corrupt("log key".into()))?;
+            if seq > upto {
+                break;
+            }
+            match &mut current {
+                Some((s, bytes)) if *s == seq => bytes.extend_from_slice(&v),
+                _ => {
+                    if let Some((_, bytes)) = current.take() {
+                        changes.push(
+                            Change::from_bytes(bytes)
+                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
+                        );
+                    }
+                    current = Some((seq, v));
+                }
+            }
+        }
+        if let Some((_, bytes)) = current {
+            changes
+                .push(Change::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        am.apply_changes(changes)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let saved = am.save();
+        let gen = rec.snapshot_gen + 1;
+        let mut batch = Batch::default();
+        let chunks = put_chunks(
+            &mut batch,
+            key(T_SNAP, doc, &[&gen.to_be_bytes()]),
+            &saved,
+            4,
+        );
+        {
+            let _g = self.append.lock().unwrap_or_else(|p| p.into_inner());
+            let mut now = self.record(doc)?.unwrap_or(rec.clone());
+            now.compacted_upto = upto;
+            now.snapshot_gen = gen;
+            now.snapshot_chunks = chunks;
+            batch.put(key(T_DOC, doc, &[]), encode_record(&now)?);
+            self.backend.write(batch)?;
+        }
+        self.durable()?;
+        let mut batch = Batch::default();
+        for (k, _) in self.backend.scan(&key(T_LOG, doc, &[]))? {
+            if be_u64(&k[17..]).is_some_and(|s| s <= upto) {
+                batch.remove(k);
+            }
+        }
+        if rec.snapshot_gen > 0 {
+            for (k, _) in
+                self.backend
+                    .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?
+            {
+                batch.remove(k);
+            }
+        }
+        self.backend.write(batch)?;
+        self.durable()?;
+        self.stats.compactions.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+}
