@@ -416,7 +416,7 @@ impl Repo {
             let mut changes = Vec::with_capacity(stored.tail.len());
             for (seq, bytes) in &stored.tail {
                 changes.push(
-                    Change::from_bytes(bytes.clone())
+                    crdt::parse_change(bytes)
                         .map_err(|e| format!("journal entry {seq} is not a valid change: {e}"))?,
                 );
             }
@@ -789,7 +789,7 @@ impl Repo {
     ) -> Result<Applied, Error> {
         let mut parsed = Vec::with_capacity(changes.len());
         for (i, bytes) in changes.iter().enumerate() {
-            let c = guarded(|| Change::from_bytes(bytes.clone()).map_err(|e| e.to_string()))
+            let c = crdt::parse_change(bytes)
                 .map_err(|e| Error::InvalidData(format!("change {i}: {e}")))?;
             parsed.push(c);
         }

@@ -20,6 +20,7 @@ use automerge::{
 };
 use serde::Serialize;
 
+use automerge::Change;
 use schema::{Schema, Strategy, TypeDef};
 
 /// Reserved root keys.
@@ -408,6 +409,33 @@ fn opid_key(id: &ObjId) -> (u64, Vec<u8>) {
         ObjId::Root => (0, Vec::new()),
         ObjId::Id(counter, actor, _) => (*counter, actor.to_bytes().to_vec()),
     }
+}
+
+/// Where an Automerge storage chunk keeps its checksum and its type.
+const CHECKSUM: std::ops::Range<usize> = 4..8;
+const CHUNK_TYPE: usize = 8;
+const CHUNK_TYPE_CHANGE: u8 = 1;
+const CHUNK_TYPE_COMPRESSED_CHANGE: u8 = 2;
+
+/// Parse one raw change from bytes that came from outside (a peer, a file, the disk), checking
+/// what Automerge does not: the header checksum (the first 4 bytes of the change hash) must
+/// match, and the chunk must not be compressed — Automerge inflates compressed chunks without a
+/// bound, so raw changes are the only form accepted. Never panics.
+pub fn parse_change(bytes: &[u8]) -> Result<Change, String> {
+    match bytes.get(CHUNK_TYPE) {
+        Some(&CHUNK_TYPE_CHANGE) => {}
+        Some(&CHUNK_TYPE_COMPRESSED_CHANGE) => {
+            return Err("compressed changes are not accepted; send raw change bytes".into())
+        }
+        _ => return Err("not an Automerge change chunk".into()),
+    }
+    let change = std::panic::catch_unwind(|| Change::from_bytes(bytes.to_vec()))
+        .map_err(|_| "automerge panicked on these bytes".to_string())?
+        .map_err(|e| e.to_string())?;
+    if change.hash().0[..4] != bytes[CHECKSUM] {
+        return Err("the change's checksum does not match its contents (damaged or forged)".into());
+    }
+    Ok(change)
 }
 
 /// An Automerge scalar as JSON.

@@ -29,6 +29,7 @@ use std::sync::Mutex;
 use automerge::{Automerge, Change, ChangeHash};
 use serde::{Deserialize, Serialize};
 
+use crate::crdt::parse_change;
 use crate::ids::DocId;
 use crate::store::{
     be_u64, key, put_chunks, Backend, Batch, GroupCommit, MemoryBackend, SledBackend, StoreError,
@@ -45,12 +46,6 @@ const T_FEED: u8 = b'F';
 const T_FEEDPOS: u8 = b'P';
 const T_SNAP: u8 = b'S';
 const T_META: u8 = b'R';
-
-/// The first byte after the 8-byte header of an Automerge storage chunk says its type:
-/// 1 = a change, 2 = a compressed change. Compressed changes inflate without a bound inside
-/// Automerge, so peers must send raw changes (what `Change::raw_bytes` gives).
-const CHUNK_TYPE_OFFSET: usize = 8;
-const CHUNK_TYPE_CHANGE: u8 = 1;
 
 /// What the relay keeps about a document.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -178,18 +173,6 @@ fn decode_record(b: &[u8]) -> Result<DocRecord, StoreError> {
 /// A namespace name the relay accepts: it is part of keys, so no NUL, and bounded.
 pub fn valid_namespace(ns: &str) -> bool {
     !ns.is_empty() && ns.len() <= 128 && !ns.chars().any(|c| c.is_control())
-}
-
-/// Parse a change a peer sent, refusing compressed chunks before Automerge inflates anything.
-pub fn parse_change(bytes: &[u8]) -> Result<Change, String> {
-    match bytes.get(CHUNK_TYPE_OFFSET) {
-        Some(&CHUNK_TYPE_CHANGE) => {}
-        Some(2) => return Err("compressed changes are not accepted; send raw change bytes".into()),
-        _ => return Err("not an Automerge change chunk".into()),
-    }
-    std::panic::catch_unwind(|| Change::from_bytes(bytes.to_vec()))
-        .map_err(|_| "automerge panicked on these bytes".to_string())?
-        .map_err(|e| e.to_string())
 }
 
 impl RelayLog {

@@ -4,4 +4,6 @@ mod bad_input;
 mod crash;
 mod local;
 mod migration;
+mod relay;
 mod support;
+mod wire;
