@@ -465,6 +465,13 @@ impl Repo {
         }
     }
 
+    /// The fields a document shows (today's names, stored keys, strategies).
+    pub fn fields(&self, id: &DocId) -> Result<Vec<crdt::FieldRef>, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        Ok(View::new(&l.doc, self.schema()).fields())
+    }
+
     /// Read an entity (skipping nothing: a deleted entity reads with `deleted: true`).
     pub fn get(&self, id: &DocId) -> Result<Entity, Error> {
         let entry = self.entry(id)?;

@@ -35,8 +35,12 @@ pub const DELETED_KEY: &str = "_deleted";
 pub enum EntityError {
     #[error("unknown entity type '{0}' (the schema declares: {1})")]
     UnknownType(String, String),
-    #[error("type '{ty}' has no field '{field}'")]
-    UnknownField { ty: String, field: String },
+    #[error("type '{ty}' has no field '{field}' (its fields: {})", known.join(", "))]
+    UnknownField {
+        ty: String,
+        field: String,
+        known: Vec<String>,
+    },
     #[error("field '{field}' is a {} field: {hint}", strategy.name())]
     WrongKind {
         field: String,
@@ -272,6 +276,7 @@ impl<'a, R: ReadDoc> View<'a, R> {
             return Err(EntityError::UnknownField {
                 ty,
                 field: name.to_string(),
+                known: self.fields().into_iter().map(|f| f.name).collect(),
             });
         }
         // No schema for this type: any new field is a plain lww register.
@@ -701,7 +706,13 @@ pub fn init_entity(
     }
     let mut w = Writer { tx, schema };
     for (name, value) in fields {
-        w.set(name, value)?;
+        // A counter's initial value is an increment from zero; anywhere else a counter refuses
+        // plain values.
+        let f = w.resolve(name)?;
+        match (f.strategy, value.as_i64()) {
+            (Strategy::Counter, Some(n)) => w.increment(name, n)?,
+            _ => w.set(name, value)?,
+        }
     }
     Ok(())
 }

@@ -182,7 +182,8 @@ pub enum SchemaError {
 struct FileSchema {
     version: u64,
     #[serde(default)]
-    types: BTreeMap<String, BTreeMap<String, FileField>>,
+    // A table (not a BTreeMap) so fields keep the file's order.
+    types: BTreeMap<String, toml::Table>,
     #[serde(default)]
     migrations: Vec<Migration>,
 }
@@ -210,6 +211,9 @@ impl Schema {
         for (ty, fields) in file.types {
             let mut fields_out = Vec::new();
             for (name, f) in fields {
+                let f: FileField = f
+                    .try_into()
+                    .map_err(|e| SchemaError::Parse(format!("{ty}.{name}: {e} (expected a strategy name or {{ kind = \"...\", default = ... }})")))?;
                 let (kind, default) = match f {
                     FileField::Kind(k) => (k, None),
                     FileField::Full { kind, default } => (

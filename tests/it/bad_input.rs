@@ -48,7 +48,10 @@ fn wrong_kind_and_unknown_field_write_nothing() {
         assert_eq!(a.get(&id).unwrap().heads, heads, "{name} wrote something");
     }
     let e = a.change(&id, |tx| tx.set("colour", "red")).unwrap_err();
-    assert_eq!(e.to_string(), "type 'note' has no field 'colour'");
+    assert_eq!(
+        e.to_string(),
+        "type 'note' has no field 'colour' (its fields: title, body, pinned, views, labels)"
+    );
     assert_eq!(e.exit_code(), 3);
     let e = a.change(&id, |tx| tx.set("views", 1)).unwrap_err();
     assert!(e.to_string().contains("counter"), "{e}");

@@ -1,6 +1,7 @@
 //! Argument parsing and dispatch for the `tandem` binary.
 
 mod relay;
+mod store;
 
 use std::path::PathBuf;
 
@@ -63,6 +64,32 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
+    /// Create an entity and print its id.
+    New(store::NewArgs),
+    /// Set fields of a document.
+    Set(store::SetArgs),
+    /// Print a document (or one field).
+    Get(store::GetArgs),
+    /// List documents.
+    Ls(store::LsArgs),
+    /// Delete a document (a tombstone that syncs).
+    Rm(store::DocArg),
+    /// A document's history, newest first.
+    Log(store::LogArgs),
+    /// A document now or at a point of its history.
+    Show(store::ShowArgs),
+    /// Field-level differences between two points of a document.
+    Diff(store::DiffArgs),
+    /// Open conflicts, every version side by side.
+    Conflicts(store::ConflictsArgs),
+    /// Settle a conflict.
+    Resolve(store::ResolveArgs),
+    /// Sync status of documents.
+    Status(store::StatusArgs),
+    /// Write a document as standard Automerge bytes.
+    Export(store::ExportArgs),
+    /// Merge an Automerge file into the store.
+    Import(store::ImportArgs),
     /// Run a relay server.
     Relay(relay::RelayArgs),
     /// Mint an access token for a relay.
@@ -102,6 +129,19 @@ pub fn main() -> i32 {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match &cli.command {
+        Command::New(a) => store::new(&cli, a),
+        Command::Set(a) => store::set(&cli, a),
+        Command::Get(a) => store::get(&cli, a),
+        Command::Ls(a) => store::ls(&cli, a),
+        Command::Rm(a) => store::rm(&cli, a),
+        Command::Log(a) => store::log(&cli, a),
+        Command::Show(a) => store::show(&cli, a),
+        Command::Diff(a) => store::diff(&cli, a),
+        Command::Conflicts(a) => store::conflicts(&cli, a),
+        Command::Resolve(a) => store::resolve(&cli, a),
+        Command::Status(a) => store::status(&cli, a),
+        Command::Export(a) => store::export(&cli, a),
+        Command::Import(a) => store::import(&cli, a),
         Command::Relay(args) => relay::run(&cli, args),
         Command::Token(args) => relay::token(&cli, args),
     };
