@@ -185,7 +185,7 @@ pub fn find(repo: &Repo, prefix: &str) -> Result<DocId, Failure> {
                     (common, s)
                 })
                 .collect();
-            ids.sort_by(|a, b| b.0.cmp(&a.0));
+            ids.sort_by_key(|a| std::cmp::Reverse(a.0));
             let close: Vec<String> = ids
                 .into_iter()
                 .filter(|(c, _)| *c > 0)
