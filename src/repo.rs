@@ -265,6 +265,33 @@ impl Repo {
         Ok(Repo::with_store(store, opts))
     }
 
+    /// Open a folder for reading only: a device store as it is, or a (stopped) relay's data
+    /// folder, whose documents are loaded into memory. Nothing is written to the folder; a
+    /// folder that holds no store is an error rather than a new empty store.
+    pub fn open_for_reading(path: impl AsRef<Path>, opts: RepoOptions) -> Result<Repo, Error> {
+        let path = path.as_ref();
+        if !path.join("db").exists() {
+            return Err(StoreError::Io(format!("no store at {}", path.display())).into());
+        }
+        let mut sopts = opts.store.clone();
+        sopts.fsync = false;
+        let backend = crate::store::SledBackend::open(path, &sopts)?;
+        if !crate::relay::log::RelayLog::is_relay_data(&backend)? {
+            let store = Store::from_backend(Box::new(backend), Some(path.to_path_buf()))?;
+            return Ok(Repo::with_store(store, opts));
+        }
+        let log = crate::relay::log::RelayLog::with_backend(Box::new(backend))?;
+        let repo = Repo::with_store(Store::in_memory(), opts);
+        for (id, rec) in log.documents()? {
+            let (snapshot, changes) = log.contents(&id)?;
+            if let Some(bytes) = snapshot {
+                repo.apply_snapshot(&id, &rec.namespace, &bytes)?;
+            }
+            repo.apply_remote(&id, &rec.namespace, &changes)?;
+        }
+        Ok(repo)
+    }
+
     /// A repo in memory (tests, examples): nothing survives the process.
     pub fn in_memory(schema: Schema, author: &str) -> Result<Repo, Error> {
         Ok(Repo::with_store(

@@ -187,7 +187,13 @@ impl RelayLog {
         RelayLog::with_backend(Box::new(MemoryBackend::default())).expect("memory relay log")
     }
 
-    fn with_backend(backend: Box<dyn Backend>) -> Result<RelayLog, StoreError> {
+    /// Whether `backend` holds a relay's data (rather than a device store's).
+    pub fn is_relay_data(backend: &dyn Backend) -> Result<bool, StoreError> {
+        Ok(backend.get(&meta_key("id"))?.is_some())
+    }
+
+    /// A relay log over an already opened backend.
+    pub fn with_backend(backend: Box<dyn Backend>) -> Result<RelayLog, StoreError> {
         let mut batch = Batch::default();
         let relay_id = match backend.get(&meta_key("id"))? {
             Some(v) => v
@@ -484,6 +490,22 @@ impl RelayLog {
             next = pos;
         }
         Ok((entries, next, more))
+    }
+
+    /// Every document: (id, record).
+    pub fn documents(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
+        let mut out = Vec::new();
+        for (k, v) in self.backend.scan(&[T_DOC])? {
+            let id: [u8; 16] = k[1..].try_into().map_err(|_| StoreError::Corrupt("document key".into()))?;
+            out.push((DocId(id), decode_record(&v)?));
+        }
+        Ok(out)
+    }
+
+    /// Everything the relay holds of `doc`: its snapshot (if compacted) and the log after it.
+    pub fn contents(&self, doc: &DocId) -> Result<(Option<Vec<u8>>, Vec<Vec<u8>>), StoreError> {
+        let mut page = self.pull(doc, 0, u64::MAX)?;
+        Ok((page.snapshot.take().map(|(_, b)| b), page.changes))
     }
 
     /// Whether `doc`'s log is long enough to compact.

@@ -233,6 +233,11 @@ impl Store {
         Ok(store)
     }
 
+    /// A device store over an already opened backend (see [`SledBackend::open`]).
+    pub fn from_backend(backend: Box<dyn Backend>, path: Option<PathBuf>) -> Result<Store, StoreError> {
+        Store::with_backend(backend, path)
+    }
+
     /// A store that lives in memory only (tests, simulations, ephemeral tools).
     pub fn in_memory() -> Store {
         Store::with_backend(Box::new(MemoryBackend::default()), None).expect("memory store")

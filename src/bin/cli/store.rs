@@ -167,6 +167,27 @@ pub fn open(cli: &Cli) -> Result<Repo, Failure> {
     })
 }
 
+/// Open a folder for a read-only command: a device store or a stopped relay's data folder.
+pub fn open_read(cli: &Cli) -> Result<Repo, Failure> {
+    let dir = cli.data_dir("TANDEM_DATA", "./tandem-data");
+    let mut opts = RepoOptions::new(author());
+    opts.schema = load_schema(cli)?;
+    Repo::open_for_reading(&dir, opts).map_err(|e| match e {
+        Error::Store(tandem::store::StoreError::InUse { pid, .. }) => Failure::new(
+            4,
+            format!(
+                "{} is in use by another process{} (a running relay or app); stop it to read the folder, or sync a device instead",
+                dir.display(),
+                pid.map(|p| format!(" (pid {p})")).unwrap_or_default()
+            ),
+        ),
+        Error::Store(tandem::store::StoreError::Io(m)) if m.starts_with("no store") => {
+            Failure::new(EXIT_NOT_FOUND, format!("{m} (use --data DIR, or create one with `tandem new`)"))
+        }
+        e => e.into(),
+    })
+}
+
 /// A document by id or unique prefix; unknown ids suggest the closest ones.
 pub fn find(repo: &Repo, prefix: &str) -> Result<DocId, Failure> {
     match repo.find(prefix) {
@@ -318,7 +339,7 @@ pub fn set(cli: &Cli, args: &SetArgs) -> CmdResult {
 }
 
 pub fn get(cli: &Cli, args: &GetArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let id = find(&repo, &args.doc)?;
     let e = repo.get(&id)?;
     match &args.field {
@@ -367,7 +388,7 @@ pub fn get(cli: &Cli, args: &GetArgs) -> CmdResult {
 }
 
 pub fn ls(cli: &Cli, args: &LsArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let docs = repo.list(args.ty.as_deref(), args.deleted)?;
     if cli.json {
         let rows: Vec<Value> = docs
@@ -428,7 +449,7 @@ pub fn utc(secs: i64) -> String {
 }
 
 pub fn log(cli: &Cli, args: &LogArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let id = find(&repo, &args.doc)?;
     let mut history = repo.history(&id)?;
     history.reverse();
@@ -476,7 +497,7 @@ pub fn log(cli: &Cli, args: &LogArgs) -> CmdResult {
 }
 
 pub fn show(cli: &Cli, args: &ShowArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let id = find(&repo, &args.doc)?;
     let e = match &args.at {
         Some(at) => repo.get_at(&id, at)?,
@@ -491,7 +512,7 @@ pub fn show(cli: &Cli, args: &ShowArgs) -> CmdResult {
 }
 
 pub fn diff(cli: &Cli, args: &DiffArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let id = find(&repo, &args.doc)?;
     let d = repo.diff(&id, &args.from, args.to.as_deref())?;
     if cli.json {
@@ -517,7 +538,7 @@ pub fn diff(cli: &Cli, args: &DiffArgs) -> CmdResult {
 }
 
 pub fn conflicts(cli: &Cli, args: &ConflictsArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let ids = match &args.doc {
         Some(d) => vec![find(&repo, d)?],
         None => repo
@@ -643,7 +664,7 @@ fn status_line(s: &DocStatus) -> String {
 }
 
 pub fn status(cli: &Cli, args: &StatusArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let ids: Vec<DocId> = match &args.doc {
         Some(d) => vec![find(&repo, d)?],
         None => repo
