@@ -6,9 +6,31 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-/// A document id: 16 bytes, shown in base58check.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+/// A document id: 16 bytes, shown in base58check. Serialized as its 16 raw bytes in binary
+/// formats (the wire protocol) and as its base58check string in human-readable ones (JSON).
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DocId(pub [u8; 16]);
+
+impl Serialize for DocId {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.serialize_str(&self.to_string())
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for DocId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        if d.is_human_readable() {
+            let s = String::deserialize(d)?;
+            s.parse().map_err(serde::de::Error::custom)
+        } else {
+            <[u8; 16]>::deserialize(d).map(DocId)
+        }
+    }
+}
 
 impl DocId {
     /// A fresh random id.

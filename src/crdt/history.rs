@@ -34,15 +34,25 @@ pub struct ChangeInfo {
 /// Every change of `doc`, oldest first (a causal order).
 pub fn changes(doc: &Automerge, schema: Option<&Schema>) -> Vec<ChangeInfo> {
     let view = View::new(doc, schema);
-    let names: HashMap<String, String> =
-        view.fields().into_iter().map(|f| (f.key, f.name)).collect();
+    let fields = view.fields();
+    let names: HashMap<String, String> = fields
+        .iter()
+        .map(|f| (f.key.clone(), f.name.clone()))
+        .collect();
+    // Fields are listed in the schema's order (then reserved keys like `_deleted`).
+    let rank = |name: &String| {
+        fields
+            .iter()
+            .position(|f| &f.name == name)
+            .unwrap_or(usize::MAX)
+    };
     let all = doc.get_changes(&[]);
     // Objects created at the root belong to the field whose key they were created under.
     let mut owner: HashMap<(u64, automerge::ActorId), String> = HashMap::new();
     let mut out = Vec::with_capacity(all.len());
     for c in &all {
         let expanded = c.decode();
-        let mut fields: Vec<String> = Vec::new();
+        let mut touched: Vec<String> = Vec::new();
         for (i, op) in expanded.operations.iter().enumerate() {
             let opid = (
                 expanded.start_op.get() + i as u64,
@@ -77,11 +87,12 @@ pub fn changes(doc: &Automerge, schema: Option<&Schema>) -> Vec<ChangeInfo> {
                 } else {
                     names.get(&k).cloned().unwrap_or(k)
                 };
-                if !fields.contains(&name) {
-                    fields.push(name);
+                if !touched.contains(&name) {
+                    touched.push(name);
                 }
             }
         }
+        touched.sort_by_key(rank);
         out.push(ChangeInfo {
             hash: c.hash().to_string(),
             actor: c.actor_id().to_hex_string(),
@@ -91,7 +102,7 @@ pub fn changes(doc: &Automerge, schema: Option<&Schema>) -> Vec<ChangeInfo> {
             message: c.message().map(|m| m.to_string()),
             deps: c.deps().iter().map(|d| d.to_string()).collect(),
             ops: c.len(),
-            fields,
+            fields: touched,
         });
     }
     out

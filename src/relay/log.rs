@@ -496,7 +496,9 @@ impl RelayLog {
     pub fn documents(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
         let mut out = Vec::new();
         for (k, v) in self.backend.scan(&[T_DOC])? {
-            let id: [u8; 16] = k[1..].try_into().map_err(|_| StoreError::Corrupt("document key".into()))?;
+            let id: [u8; 16] = k[1..]
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("document key".into()))?;
             out.push((DocId(id), decode_record(&v)?));
         }
         Ok(out)

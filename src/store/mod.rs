@@ -234,7 +234,10 @@ impl Store {
     }
 
     /// A device store over an already opened backend (see [`SledBackend::open`]).
-    pub fn from_backend(backend: Box<dyn Backend>, path: Option<PathBuf>) -> Result<Store, StoreError> {
+    pub fn from_backend(
+        backend: Box<dyn Backend>,
+        path: Option<PathBuf>,
+    ) -> Result<Store, StoreError> {
         Store::with_backend(backend, path)
     }
 

@@ -1,6 +1,7 @@
 //! tandem's integration tests: one binary, one module per area.
 
 mod bad_input;
+mod cli;
 mod crash;
 mod local;
 mod migration;
