@@ -283,11 +283,11 @@ impl Repo {
         let log = crate::relay::log::RelayLog::with_backend(Box::new(backend))?;
         let repo = Repo::with_store(Store::in_memory(), opts);
         for (id, rec) in log.documents()? {
-            let (snapshot, changes) = log.contents(&id)?;
-            if let Some(bytes) = snapshot {
-                repo.apply_snapshot(&id, &rec.namespace, &bytes)?;
+            let page = log.contents(&id)?;
+            if let Some((_, bytes)) = &page.snapshot {
+                repo.apply_snapshot(&id, &rec.namespace, bytes)?;
             }
-            repo.apply_remote(&id, &rec.namespace, &changes)?;
+            repo.apply_remote(&id, &rec.namespace, &page.changes)?;
         }
         Ok(repo)
     }

@@ -504,10 +504,10 @@ impl RelayLog {
         Ok(out)
     }
 
-    /// Everything the relay holds of `doc`: its snapshot (if compacted) and the log after it.
-    pub fn contents(&self, doc: &DocId) -> Result<(Option<Vec<u8>>, Vec<Vec<u8>>), StoreError> {
-        let mut page = self.pull(doc, 0, u64::MAX)?;
-        Ok((page.snapshot.take().map(|(_, b)| b), page.changes))
+    /// Everything the relay holds of `doc`: its snapshot (if compacted) and the log after it,
+    /// as one page.
+    pub fn contents(&self, doc: &DocId) -> Result<Page, StoreError> {
+        self.pull(doc, 0, u64::MAX)
     }
 
     /// Whether `doc`'s log is long enough to compact.
