@@ -1,0 +1,1 @@
+//! Unit tests of the client session, driven by a scripted fake relay (no sockets).
