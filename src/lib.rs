@@ -32,9 +32,12 @@
 //! - [`store`]: persistence (journal, chunked snapshots, outbox). Knows nothing of the network.
 //! - [`repo`]: ties the two together behind [`Repo`]; the only layer that owns documents in
 //!   memory on a device.
+//! - [`client`]: the device's background sync task: a sans-IO session per connection and
+//!   the tokio shell around it ([`client::connect`], [`client::sync_once`]).
 //!
 //! See `docs/architecture.md` for the whole picture.
 
+pub mod client;
 pub mod crdt;
 pub mod error;
 pub mod ids;
