@@ -6,5 +6,7 @@ mod crash;
 mod local;
 mod migration;
 mod relay;
+mod relay_crash;
 mod support;
+mod sync;
 mod wire;
