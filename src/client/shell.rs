@@ -168,8 +168,9 @@ pub struct SyncCounters {
 /// State shared by the task and its handle.
 struct Shared {
     state: Mutex<ConnState>,
-    /// Why the task stopped for good, when the relay refused it.
-    refusal: Mutex<Option<(ErrorCode, String)>>,
+    /// Why the task stopped for good: the relay's refusal code, or `None` when there was
+    /// nothing to connect to; and the message.
+    ended: Mutex<Option<(Option<ErrorCode>, String)>>,
     connections: AtomicU64,
     frames_sent: AtomicU64,
     frames_received: AtomicU64,
@@ -183,7 +184,7 @@ impl Shared {
     fn new() -> Shared {
         Shared {
             state: Mutex::new(ConnState::Offline),
-            refusal: Mutex::new(None),
+            ended: Mutex::new(None),
             connections: AtomicU64::new(0),
             frames_sent: AtomicU64::new(0),
             frames_received: AtomicU64::new(0),
@@ -204,9 +205,18 @@ impl Shared {
     }
 
     fn stopped(&self) -> SyncError {
-        match lock(&self.refusal).clone() {
-            Some((code, message)) => SyncError::Refused { code, message },
+        match lock(&self.ended).clone() {
+            Some((Some(code), message)) => SyncError::Refused { code, message },
+            Some((None, message)) => SyncError::Unreachable(message),
             None => SyncError::Protocol("the sync task has stopped".into()),
+        }
+    }
+
+    /// The task stops for good: remember why, and tell every waiter.
+    fn end(&self, code: Option<ErrorCode>, message: String, waiters: &mut Vec<Waiter>) {
+        *lock(&self.ended) = Some((code, message));
+        for w in waiters.drain(..) {
+            let _ = w.send(Err(self.stopped()));
         }
     }
 }
@@ -398,6 +408,11 @@ async fn run(
 ) {
     let mut events = Some(events);
     let mut waiters: Vec<Waiter> = Vec::new();
+    if cfg.relays.is_empty() {
+        tracing::error!("sync has no relay address to connect to");
+        shared.end(None, "no relay address given".into(), &mut waiters);
+        return;
+    }
     let mut backoff = Backoff::new(cfg.backoff);
     // The relay that worked last is tried first.
     let mut preferred = 0;
@@ -424,10 +439,7 @@ async fn run(
                     ?code,
                     "the relay refused this device, sync stops: {message}"
                 );
-                *lock(&shared.refusal) = Some((code, message));
-                for w in waiters.drain(..) {
-                    let _ = w.send(Err(shared.stopped()));
-                }
+                shared.end(Some(code), message, &mut waiters);
                 return;
             }
             Err(e) => tracing::warn!("sync connection ended: {e}"),
@@ -469,12 +481,6 @@ async fn connect_round(
     backoff: &mut Backoff,
 ) -> Result<(), SyncError> {
     let n = cfg.relays.len();
-    if n == 0 {
-        return Err(SyncError::Refused {
-            code: ErrorCode::Forbidden,
-            message: "no relay address given".into(),
-        });
-    }
     let mut last = None;
     for i in 0..n {
         let index = (*preferred + i) % n;
