@@ -89,11 +89,15 @@ pub enum Event {
     Status { doc: DocId, status: DocStatus },
     /// The connection to the relay changed state.
     Connection(ConnState),
-    /// Sync progress: bytes done out of a total, per direction (sync layer).
+    /// Sync progress of the current burst of transfers, per direction. Change counts are
+    /// known up front (from the relay's feed, or the outbox); byte totals grow as pages reveal
+    /// what remains. Both `done` values only grow, and a burst ends with done == total.
     Progress {
         direction: Direction,
-        done: u64,
-        total: u64,
+        changes_done: u64,
+        changes_total: u64,
+        bytes_done: u64,
+        bytes_total: u64,
     },
 }
 

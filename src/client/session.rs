@@ -258,17 +258,38 @@ struct Heartbeat {
     nonce: u64,
 }
 
-/// Bytes done of a total, for `Event::Progress`; both only grow within one burst of transfers.
+/// Bytes and changes done of a total, for `Event::Progress`; all only grow within one burst
+/// of transfers.
 #[derive(Default)]
 struct Progress {
     done: u64,
     total: u64,
+    changes_done: u64,
+    changes_total: u64,
 }
 
 impl Progress {
     fn grow(&mut self, done: u64, total: u64) {
         self.done = self.done.saturating_add(done);
         self.total = self.total.saturating_add(total).max(self.done);
+    }
+
+    fn grow_changes(&mut self, done: u64, total: u64) {
+        self.changes_done = self.changes_done.saturating_add(done);
+        self.changes_total = self
+            .changes_total
+            .saturating_add(total)
+            .max(self.changes_done);
+    }
+
+    fn event(&self, direction: Direction) -> Event {
+        Event::Progress {
+            direction,
+            changes_done: self.changes_done,
+            changes_total: self.changes_total,
+            bytes_done: self.done,
+            bytes_total: self.total,
+        }
     }
 }
 
@@ -769,6 +790,8 @@ impl ClientSession {
                 Some(c) if seq > c => {
                     self.want_pull(doc, seq);
                     waiting.insert(doc);
+                    // The feed tells how many changes are coming before any arrives.
+                    self.download.grow_changes(0, seq - c);
                 }
                 Some(_) => {}
                 None => tainted = true,
@@ -835,6 +858,7 @@ impl ClientSession {
                 }
                 Ok(applied) => {
                     self.stats.changes_pulled += applied.applied as u64;
+                    self.download.grow_changes(fresh.len() as u64, 0);
                     if applied.applied > 0 {
                         self.pulled_docs.insert(doc);
                     }
@@ -866,11 +890,7 @@ impl ClientSession {
             .max(pull.done.saturating_add(if more { remaining } else { 0 }));
         self.download.grow(bytes, total - pull.total);
         pull.total = total;
-        repo.emit(Event::Progress {
-            direction: Direction::Download,
-            done: self.download.done,
-            total: self.download.total,
-        });
+        repo.emit(self.download.event(Direction::Download));
         if more {
             pull.reported = true;
             repo.set_progress(&doc, Some((pull.done, pull.total)));
@@ -1083,11 +1103,8 @@ impl ClientSession {
         self.pushed_docs.insert(doc);
         self.retry_count.remove(&doc);
         self.upload.grow(b.bytes, 0);
-        repo.emit(Event::Progress {
-            direction: Direction::Upload,
-            done: self.upload.done,
-            total: self.upload.total,
-        });
+        self.upload.grow_changes(b.count as u64, 0);
+        repo.emit(self.upload.event(Direction::Upload));
         match b.kind {
             BatchKind::Outbox(journal) => {
                 if let Err(e) = repo.ack(&doc, &journal) {
@@ -1444,6 +1461,7 @@ impl ClientSession {
             if self.upload_counted.insert(doc) {
                 let bytes = changes.iter().map(|c| c.len() as u64).sum();
                 self.upload.grow(0, bytes);
+                self.upload.grow_changes(0, changes.len() as u64);
             }
             self.pushes.history.insert(
                 doc,
@@ -1489,6 +1507,7 @@ impl ClientSession {
             if self.upload_counted.insert(doc) {
                 let bytes = outbox.iter().map(|(_, c)| c.len() as u64).sum();
                 self.upload.grow(0, bytes);
+                self.upload.grow_changes(0, outbox.len() as u64);
             }
             let n = match batch_len(
                 outbox.iter().map(|(_, c)| c.len()),
@@ -1726,15 +1745,14 @@ fn batch_len(
 }
 
 fn finish_progress(repo: &Repo, direction: Direction, p: &mut Progress) {
-    if p.total == 0 && p.done == 0 {
+    if p.total == 0 && p.done == 0 && p.changes_total == 0 {
         return;
     }
-    let total = p.total.max(p.done);
-    repo.emit(Event::Progress {
-        direction,
-        done: total,
-        total,
-    });
+    p.total = p.total.max(p.done);
+    p.done = p.total;
+    p.changes_total = p.changes_total.max(p.changes_done);
+    p.changes_done = p.changes_total;
+    repo.emit(p.event(direction));
     *p = Progress::default();
 }
 

@@ -594,8 +594,9 @@ fn download_progress_only_grows_and_ends_at_the_total() {
     while let Ok(e) = events.try_recv() {
         if let Event::Progress {
             direction: Direction::Download,
-            done,
-            total,
+            bytes_done: done,
+            bytes_total: total,
+            ..
         } = e
         {
             seen.push((done, total));

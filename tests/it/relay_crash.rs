@@ -15,7 +15,10 @@ use crate::support::{note_schema, open};
 use crate::sync::relay_hashes;
 
 fn cycles() -> usize {
-    std::env::var("TANDEM_CRASH_CYCLES").ok().and_then(|s| s.parse().ok()).unwrap_or(20)
+    std::env::var("TANDEM_CRASH_CYCLES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(20)
 }
 
 fn free_port() -> SocketAddr {
@@ -26,29 +29,53 @@ fn free_port() -> SocketAddr {
 /// Start the relay binary and wait for its "listening on" line.
 fn start_relay(dir: &std::path::Path, addr: SocketAddr) -> Child {
     let mut child = Command::new(crate::cli::exe())
-        .args(["relay", "--insecure-no-auth", "--listen", &addr.to_string(), "--data"])
+        .args([
+            "relay",
+            "--insecure-no-auth",
+            "--listen",
+            &addr.to_string(),
+            "--data",
+        ])
         .arg(dir)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    assert!(line.starts_with("listening on"), "relay did not start: {line:?}");
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(
+        line.starts_with("listening on"),
+        "relay did not start: {line:?}"
+    );
     child
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acknowledged_change_survives_relay_kill_9() {
-    let seed = std::env::var("TANDEM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(11u64);
+    let seed = std::env::var("TANDEM_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(11u64);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let rdir = tempfile::tempdir().unwrap();
     let data = rdir.path().join("relay");
     let addr = free_port();
     let cfg = SyncConfig::new(&format!("ws://{addr}"));
     let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
-    let devices: Vec<Repo> = dirs.iter().enumerate().map(|(i, d)| open(d.path(), &format!("dev{i}"), note_schema())).collect();
-    let docs: Vec<DocId> = (0..4).map(|i| devices[0].create("note", json!({"title": format!("d{i}")})).unwrap()).collect();
+    let devices: Vec<Repo> = dirs
+        .iter()
+        .enumerate()
+        .map(|(i, d)| open(d.path(), &format!("dev{i}"), note_schema()))
+        .collect();
+    let docs: Vec<DocId> = (0..4)
+        .map(|i| {
+            devices[0]
+                .create("note", json!({"title": format!("d{i}")}))
+                .unwrap()
+        })
+        .collect();
 
     let mut relay = start_relay(&data, addr);
     for cycle in 0..cycles() {
@@ -83,14 +110,18 @@ async fn every_acknowledged_change_survives_relay_kill_9() {
         for d in &devices {
             for id in &docs {
                 let Ok(all) = d.all_changes(id) else { continue };
-                let pending: Vec<Vec<u8>> = d.outbox(id).unwrap().into_iter().map(|(_, b)| b).collect();
+                let pending: Vec<Vec<u8>> =
+                    d.outbox(id).unwrap().into_iter().map(|(_, b)| b).collect();
                 for c in all.iter().filter(|c| !pending.contains(c)) {
                     let h = tandem::crdt::parse_change(c).unwrap().hash().to_string();
                     let in_log = held.get(id).is_some_and(|s| s.contains(&h));
                     // Changes that came *from* the relay are acknowledged by definition; only
                     // this device's own changes are checked against the log.
                     if tandem::crdt::parse_change(c).unwrap().actor_id() == &d.device().actor() {
-                        assert!(in_log, "cycle {cycle}: acknowledged change {h} of {id} lost (seed {seed})");
+                        assert!(
+                            in_log,
+                            "cycle {cycle}: acknowledged change {h} of {id} lost (seed {seed})"
+                        );
                     }
                 }
             }
@@ -100,7 +131,9 @@ async fn every_acknowledged_change_survives_relay_kill_9() {
     // Settle: everyone converges, nothing pending, no duplicates.
     for _ in 0..2 {
         for d in &devices {
-            sync_once(d, cfg.clone(), Duration::from_secs(60)).await.expect("final sync");
+            sync_once(d, cfg.clone(), Duration::from_secs(60))
+                .await
+                .expect("final sync");
         }
     }
     for id in &docs {
@@ -108,12 +141,19 @@ async fn every_acknowledged_change_survives_relay_kill_9() {
         assert_eq!(heads[0], heads[1], "devices converge on {id}");
     }
     for d in &devices {
-        assert!(d.outbox_docs().unwrap().is_empty(), "unacknowledged changes were retried until acked");
+        assert!(
+            d.outbox_docs().unwrap().is_empty(),
+            "unacknowledged changes were retried until acked"
+        );
     }
     relay.kill().unwrap();
     relay.wait().unwrap();
     let held = relay_hashes(&data);
     for id in &docs {
-        assert_eq!(held[id].len(), devices[0].history(id).unwrap().len(), "the log has every change once");
+        assert_eq!(
+            held[id].len(),
+            devices[0].history(id).unwrap().len(),
+            "the log has every change once"
+        );
     }
 }

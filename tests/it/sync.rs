@@ -26,7 +26,11 @@ async fn sync(repo: &Repo, cfg: &SyncConfig) -> tandem::client::SyncReport {
 }
 
 /// Wait (bounded) for an event matching `pred`.
-async fn wait_event(rx: &mut tokio::sync::broadcast::Receiver<Event>, what: &str, pred: impl Fn(&Event) -> bool) {
+async fn wait_event(
+    rx: &mut tokio::sync::broadcast::Receiver<Event>,
+    what: &str,
+    pred: impl Fn(&Event) -> bool,
+) {
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
         let e = tokio::time::timeout_at(deadline, rx.recv())
@@ -46,10 +50,19 @@ async fn three_devices_converge_show_the_same_conflict_and_fan_out_live() {
     let cfg = SyncConfig::new(&url(relay.addr)).token(&token("team", &[], &["default"], HOUR));
     let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
     let names = ["alice", "bob", "carol"];
-    let devices: Vec<Repo> = dirs.iter().zip(names).map(|(d, n)| open(d.path(), n, note_schema())).collect();
+    let devices: Vec<Repo> = dirs
+        .iter()
+        .zip(names)
+        .map(|(d, n)| open(d.path(), n, note_schema()))
+        .collect();
     let (a, b, c) = (&devices[0], &devices[1], &devices[2]);
 
-    let id = a.create("note", json!({"title": "Trip", "body": "pack", "pinned": false})).unwrap();
+    let id = a
+        .create(
+            "note",
+            json!({"title": "Trip", "body": "pack", "pinned": false}),
+        )
+        .unwrap();
     sync(a, &cfg).await;
     sync(b, &cfg).await;
     sync(c, &cfg).await;
@@ -81,7 +94,10 @@ async fn three_devices_converge_show_the_same_conflict_and_fan_out_live() {
         let e = d.get(&id).unwrap();
         assert_eq!(e.heads, ea.heads, "same heads everywhere");
         assert_eq!(e.value, ea.value);
-        assert!(d.outbox_docs().unwrap().is_empty(), "everything acknowledged");
+        assert!(
+            d.outbox_docs().unwrap().is_empty(),
+            "everything acknowledged"
+        );
     }
     assert_eq!(ea.value["pinned"], true);
     assert_eq!(ea.value["body"], "pack bags");
@@ -91,7 +107,11 @@ async fn three_devices_converge_show_the_same_conflict_and_fan_out_live() {
     assert_eq!(conflicts.len(), 1);
     assert_eq!(conflicts[0].versions.len(), 2);
     for d in &devices {
-        assert_eq!(d.conflicts(&id, false).unwrap(), conflicts, "the same conflict on every device");
+        assert_eq!(
+            d.conflicts(&id, false).unwrap(),
+            conflicts,
+            "the same conflict on every device"
+        );
     }
 
     // Live: with background sync running, an edit on one device reaches the others.
@@ -106,9 +126,11 @@ async fn three_devices_converge_show_the_same_conflict_and_fan_out_live() {
         blocking(move || a.resolve(&id, "title", json!("Rome, June")).unwrap()).await;
     }
     for rx in [&mut rx_b, &mut rx_c] {
-        wait_event(rx, "the resolution to arrive live", |e| {
-            matches!(e, Event::ConflictResolved { doc, .. } if *doc == id)
-        })
+        wait_event(
+            rx,
+            "the resolution to arrive live",
+            |e| matches!(e, Event::ConflictResolved { doc, .. } if *doc == id),
+        )
         .await;
     }
     assert_eq!(c.get(&id).unwrap().value["title"], "Rome, June");
@@ -116,7 +138,11 @@ async fn three_devices_converge_show_the_same_conflict_and_fan_out_live() {
     let before = b.get(&id).unwrap().heads;
     {
         let c2 = c.clone();
-        blocking(move || c2.change(&id, |tx| tx.splice_text("body", 0, 0, "Do: ")).unwrap()).await;
+        blocking(move || {
+            c2.change(&id, |tx| tx.splice_text("body", 0, 0, "Do: "))
+                .unwrap()
+        })
+        .await;
     }
     wait_event(&mut rx_b, "a live text edit", |e| {
         matches!(e, Event::Changed { doc, origin: Origin::Remote, heads } if *doc == id && heads != &before)
@@ -138,7 +164,12 @@ async fn reconnect_pulls_only_the_documents_that_changed() {
     let reader = open(dr.path(), "reader", note_schema());
     let ids: Vec<DocId> = {
         let w = writer.clone();
-        blocking(move || (0..1000).map(|i| w.create("note", json!({"title": format!("n{i}")})).unwrap()).collect()).await
+        blocking(move || {
+            (0..1000)
+                .map(|i| w.create("note", json!({"title": format!("n{i}")})).unwrap())
+                .collect()
+        })
+        .await
     };
     sync(&writer, &cfg).await;
     sync(&reader, &cfg).await;
@@ -162,7 +193,10 @@ async fn reconnect_pulls_only_the_documents_that_changed() {
     let pulls = stats.pulls.load(std::sync::atomic::Ordering::Relaxed) - pulls_before;
     let feeds = stats.feed_pages.load(std::sync::atomic::Ordering::Relaxed) - feeds_before;
     assert_eq!(pulls, 10, "only the 10 changed documents are pulled");
-    assert!(feeds <= 2, "one feed page (plus at most one empty check), got {feeds}");
+    assert!(
+        feeds <= 2,
+        "one feed page (plus at most one empty check), got {feeds}"
+    );
     assert_eq!(report.docs_pulled, 10);
     for id in &ids[..10] {
         assert_eq!(reader.get(id).unwrap().value["pinned"], true);
@@ -200,8 +234,16 @@ async fn a_wiped_relay_is_repopulated_by_its_devices() {
     }
     assert_eq!(b.get(&x).unwrap().value["pinned"], true);
     for id in [&x, &y] {
-        let rec = relay2.log.record(id).unwrap().expect("the relay has the document again");
-        assert_eq!(rec.head as usize, a.history(id).unwrap().len(), "every change, no duplicate");
+        let rec = relay2
+            .log
+            .record(id)
+            .unwrap()
+            .expect("the relay has the document again");
+        assert_eq!(
+            rec.head as usize,
+            a.history(id).unwrap().len(),
+            "every change, no duplicate"
+        );
     }
     relay2.shutdown().await.unwrap();
 }
@@ -217,13 +259,18 @@ async fn a_long_catch_up_reports_growing_progress_and_resumes_after_a_cut() {
         let w = writer.clone();
         blocking(move || {
             for i in 0..2000 {
-                w.create("note", json!({"title": format!("{i} {blob}")})).unwrap();
+                w.create("note", json!({"title": format!("{i} {blob}")}))
+                    .unwrap();
             }
         })
         .await;
     }
     sync(&writer, &cfg).await;
-    let total: u64 = relay.log.stats.changes_accepted.load(std::sync::atomic::Ordering::Relaxed);
+    let total: u64 = relay
+        .log
+        .stats
+        .changes_accepted
+        .load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(total, 2000);
 
     let reader = open(dr.path(), "reader", note_schema());
@@ -236,30 +283,62 @@ async fn a_long_catch_up_reports_growing_progress_and_resumes_after_a_cut() {
     // Watch progress until half-way, then cut the connection.
     let mut last = 0u64;
     let mut seen_total;
+    let mut seen_bytes;
     let deadline = tokio::time::Instant::now() + LONG;
     loop {
-        let e = tokio::time::timeout_at(deadline, rx.recv()).await.expect("progress events");
-        if let Ok(Event::Progress { direction: tandem::Direction::Download, done, total }) = e {
+        let e = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .expect("progress events");
+        if let Ok(Event::Progress {
+            direction: tandem::Direction::Download,
+            changes_done: done,
+            changes_total: total,
+            bytes_done,
+            ..
+        }) = e
+        {
             assert!(done >= last, "progress only grows ({last} -> {done})");
             assert!(done <= total);
             last = done;
             seen_total = total;
+            seen_bytes = bytes_done;
             if total > 0 && done * 2 >= total {
                 break;
             }
         }
     }
     handle.stop().await;
-    assert!(seen_total >= 20_000_000, "about 20 MB to fetch, saw {seen_total}");
-    let pulled_before = relay.log.stats.pulled_bytes.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(seen_total, 2000, "the feed announced every change up front");
+    assert!(
+        seen_bytes >= 9_000_000,
+        "about half of ~20 MB fetched, saw {seen_bytes}"
+    );
+    let pulled_before = relay
+        .log
+        .stats
+        .pulled_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
     let have = reader.list(Some("note"), false).unwrap().len();
-    assert!(have > 0 && have < 2000, "stopped half-way ({have} documents)");
+    assert!(
+        have > 0 && have < 2000,
+        "stopped half-way ({have} documents)"
+    );
 
     // Resume: only what is missing is fetched, and progress ends at 100%.
     let mut rx = reader.subscribe();
     sync(&reader, &small).await;
-    let pulled = relay.log.stats.pulled_bytes.load(std::sync::atomic::Ordering::Relaxed);
-    let log_total: u64 = relay.log.documents().unwrap().iter().map(|(_, r)| r.log_bytes).sum();
+    let pulled = relay
+        .log
+        .stats
+        .pulled_bytes
+        .load(std::sync::atomic::Ordering::Relaxed);
+    let log_total: u64 = relay
+        .log
+        .documents()
+        .unwrap()
+        .iter()
+        .map(|(_, r)| r.log_bytes)
+        .sum();
     assert!(pulled_before > 0 && pulled_before < log_total);
     // Everything once, plus at most the pages that were in flight when the connection was cut.
     assert!(
@@ -268,9 +347,22 @@ async fn a_long_catch_up_reports_growing_progress_and_resumes_after_a_cut() {
     );
     assert_eq!(reader.list(Some("note"), false).unwrap().len(), 2000);
     let mut final_progress = None;
-    while let Ok(e) = rx.try_recv() {
-        if let Event::Progress { direction: tandem::Direction::Download, done, total } = e {
-            final_progress = Some((done, total));
+    loop {
+        let e = match rx.try_recv() {
+            Ok(e) => e,
+            Err(tokio::sync::broadcast::error::TryRecvError::Lagged(_)) => continue,
+            Err(_) => break,
+        };
+        if let Event::Progress {
+            direction: tandem::Direction::Download,
+            changes_done,
+            changes_total,
+            bytes_done,
+            bytes_total,
+        } = e
+        {
+            assert!(bytes_done <= bytes_total);
+            final_progress = Some((changes_done, changes_total));
         }
     }
     let (done, total) = final_progress.expect("progress events on resume");
