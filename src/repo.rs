@@ -961,6 +961,12 @@ impl Repo {
         self.emit_status(id);
     }
 
+    /// Start background sync with a relay (needs a tokio runtime): pushes the outbox, pulls
+    /// what changed, follows live changes, reconnects with backoff. See [`crate::client`].
+    pub fn connect(&self, cfg: crate::client::SyncConfig) -> crate::client::SyncHandle {
+        crate::client::connect(self, cfg)
+    }
+
     /// Documents with local changes no relay has acknowledged.
     pub fn outbox_docs(&self) -> Result<Vec<DocId>, Error> {
         Ok(self.inner.store.outbox_docs()?)

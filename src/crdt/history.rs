@@ -151,9 +151,10 @@ pub struct FieldDiff {
     pub field: String,
     pub before: serde_json::Value,
     pub after: serde_json::Value,
-    /// For text fields: the edit that turns `before` into `after`.
+    /// For text fields: the edits that turn `before` into `after`, in order (each index is
+    /// into the text as the previous edits left it).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub text: Option<TextEdit>,
+    pub text: Option<Vec<TextEdit>>,
 }
 
 /// Field-level differences between the document at `from` and at `to`.
@@ -182,7 +183,7 @@ pub fn diff(
             (serde_json::Value::String(x), serde_json::Value::String(y))
                 if f.strategy == super::schema::Strategy::Text =>
             {
-                Some(text_edit(x, y))
+                Some(text_edits(doc, &f.key, from, to, x).unwrap_or_else(|| vec![text_edit(x, y)]))
             }
             _ => None,
         };
@@ -203,6 +204,59 @@ pub fn diff(
         });
     }
     out
+}
+
+/// The text edits Automerge records between two points, when the field is the same text object
+/// at both (else `None`: the caller falls back to a prefix/suffix comparison).
+fn text_edits(
+    doc: &Automerge,
+    key: &str,
+    from: &[ChangeHash],
+    to: &[ChangeHash],
+    before: &str,
+) -> Option<Vec<TextEdit>> {
+    use automerge::{PatchAction, ReadDoc, Value, ROOT};
+    let obj_at = |heads: &[ChangeHash]| match doc.get_at(ROOT, key, heads).ok().flatten() {
+        Some((Value::Object(automerge::ObjType::Text), id)) => Some(id),
+        _ => None,
+    };
+    let obj = obj_at(to)?;
+    if obj_at(from)? != obj {
+        return None;
+    }
+    let patches = doc.diff_obj(&obj, from, to, false).ok()?;
+    let mut text: Vec<char> = before.chars().collect();
+    let mut edits: Vec<TextEdit> = Vec::new();
+    for p in patches {
+        match p.action {
+            PatchAction::SpliceText { index, value, .. } => {
+                let s = value.make_string();
+                let at = index.min(text.len());
+                text.splice(at..at, s.chars());
+                match edits.last_mut() {
+                    // A deletion followed by an insertion at the same place is one replacement.
+                    Some(e) if e.index == at && e.inserted.is_empty() => e.inserted = s,
+                    _ => edits.push(TextEdit {
+                        index: at,
+                        deleted: String::new(),
+                        inserted: s,
+                    }),
+                }
+            }
+            PatchAction::DeleteSeq { index, length } => {
+                let at = index.min(text.len());
+                let end = (at + length).min(text.len());
+                let deleted: String = text.drain(at..end).collect();
+                edits.push(TextEdit {
+                    index: at,
+                    deleted,
+                    inserted: String::new(),
+                });
+            }
+            _ => {}
+        }
+    }
+    Some(edits)
 }
 
 /// The single edit (common prefix and suffix kept) that turns `a` into `b`.

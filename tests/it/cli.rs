@@ -204,7 +204,7 @@ fn every_store_command_human_and_json() {
     );
     let d = json(&cli.ok(&["diff", &id, first, &hashes[1][..8], "--json"]));
     assert_eq!(d[0]["field"], "body");
-    assert_eq!(d[0]["text"]["inserted"], "oat ");
+    assert_eq!(d[0]["text"][0]["inserted"], "oat ");
 
     assert_eq!(
         cli.ok(&["status", &id]),

@@ -125,7 +125,7 @@ fn history_points_and_diffs() {
     let d = a.diff(&id, &first[..8], None).unwrap();
     assert_eq!(d.len(), 1);
     assert_eq!(d[0].field, "body");
-    let t = d[0].text.as_ref().unwrap();
+    let t = &d[0].text.as_ref().unwrap()[0];
     assert_eq!(
         (t.index, t.inserted.as_str(), t.deleted.as_str()),
         (6, "brave ", "")

@@ -2,6 +2,7 @@
 
 mod relay;
 mod store;
+mod sync;
 
 use std::path::PathBuf;
 
@@ -90,6 +91,8 @@ pub enum Command {
     Export(store::ExportArgs),
     /// Merge an Automerge file into the store.
     Import(store::ImportArgs),
+    /// Sync the store with a relay.
+    Sync(sync::SyncArgs),
     /// Run a relay server.
     Relay(relay::RelayArgs),
     /// Mint an access token for a relay.
@@ -142,6 +145,7 @@ pub fn main() -> i32 {
         Command::Status(a) => store::status(&cli, a),
         Command::Export(a) => store::export(&cli, a),
         Command::Import(a) => store::import(&cli, a),
+        Command::Sync(a) => sync::run(&cli, a),
         Command::Relay(args) => relay::run(&cli, args),
         Command::Token(args) => relay::token(&cli, args),
     };

@@ -521,15 +521,21 @@ pub fn diff(cli: &Cli, args: &DiffArgs) -> CmdResult {
     }
     for f in d {
         match &f.text {
-            Some(t) => {
-                print!("{}: at {}", f.field, t.index);
-                if !t.deleted.is_empty() {
-                    print!(" -{:?}", t.deleted);
-                }
-                if !t.inserted.is_empty() {
-                    print!(" +{:?}", t.inserted);
-                }
-                println!();
+            Some(edits) => {
+                let shown: Vec<String> = edits
+                    .iter()
+                    .map(|t| {
+                        let mut s = format!("at {}", t.index);
+                        if !t.deleted.is_empty() {
+                            s.push_str(&format!(" -{:?}", t.deleted));
+                        }
+                        if !t.inserted.is_empty() {
+                            s.push_str(&format!(" +{:?}", t.inserted));
+                        }
+                        s
+                    })
+                    .collect();
+                println!("{}: {}", f.field, shown.join("; "));
             }
             None => println!("{}: {} -> {}", f.field, f.before, f.after),
         }
