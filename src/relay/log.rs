@@ -221,7 +221,7 @@ impl RelayLog {
             compacting: Mutex::new(HashSet::new()),
         };
         if !batch.is_empty() {
-            log.backend.write(batch)?;
+            log.commit.write(&*log.backend, batch)?;
             log.durable()?;
         }
         Ok(log)
@@ -381,7 +381,7 @@ impl RelayLog {
             batch.put(pos_key, pos.to_be_bytes().to_vec());
             batch.put(meta_key("feedpos"), pos.to_be_bytes().to_vec());
             batch.put(key(T_DOC, doc, &[]), encode_record(&rec)?);
-            self.backend.write(batch)?;
+            self.commit.write(&*self.backend, batch)?;
             self.stats
                 .changes_accepted
                 .fetch_add(new_changes.len() as u64, Ordering::Relaxed);
@@ -599,7 +599,7 @@ impl RelayLog {
             now.snapshot_gen = gen;
             now.snapshot_chunks = chunks;
             batch.put(key(T_DOC, doc, &[]), encode_record(&now)?);
-            self.backend.write(batch)?;
+            self.commit.write(&*self.backend, batch)?;
         }
         self.durable()?;
         let mut batch = Batch::default();
@@ -616,7 +616,7 @@ impl RelayLog {
                 batch.remove(k);
             }
         }
-        self.backend.write(batch)?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()?;
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(())

@@ -60,7 +60,6 @@ impl SledBackend {
         let db = match sled::Config::new()
             .path(path)
             .cache_capacity(opts.cache_bytes)
-            .mode(sled::Mode::LowSpace)
             .open()
         {
             Ok(db) => db,

@@ -281,7 +281,7 @@ impl Store {
             device,
         };
         if !batch.is_empty() {
-            store.backend.write(batch)?;
+            store.commit.write(&*store.backend, batch)?;
             store.durable()?;
         }
         Ok(store)
@@ -408,7 +408,7 @@ impl Store {
             meta.oldest_pending_ms.get_or_insert(now);
         }
         batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
-        self.backend.write(batch)?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()?;
         Ok(seqs)
     }
@@ -417,7 +417,7 @@ impl Store {
     pub fn put_meta(&self, doc: &DocId, meta: &DocMeta) -> Result<(), StoreError> {
         let mut batch = Batch::default();
         batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
-        self.backend.write(batch)?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()
     }
 
@@ -473,7 +473,7 @@ impl Store {
             .filter_map(|(_, v)| Some(i64::from_be_bytes(v.as_slice().try_into().ok()?)))
             .min();
         batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
-        self.backend.write(batch)?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()
     }
 
@@ -505,7 +505,7 @@ impl Store {
         meta.tail_changes = remaining.len() as u64;
         meta.tail_bytes = remaining.iter().map(|(_, b)| b.len() as u64).sum();
         batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
-        self.backend.write(batch)?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()?;
 
         let outbox: Vec<u64> = self
@@ -530,7 +530,7 @@ impl Store {
                 batch.remove(k);
             }
         }
-        self.backend.write(batch)?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()
     }
 
@@ -567,7 +567,7 @@ impl Store {
         }
         let mut batch = Batch::default();
         batch.put(sync_key(name), value.to_vec());
-        self.backend.write(batch)?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()
     }
 
