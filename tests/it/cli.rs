@@ -426,3 +426,95 @@ fn an_ambiguous_prefix_lists_the_candidates() {
         r.stderr
     );
 }
+
+/// Start the relay binary with a JWT secret; returns the child and its address.
+fn relay_with_secret(dir: &Path) -> (std::process::Child, String) {
+    use std::io::{BufRead, BufReader};
+    std::fs::write(dir.join("secret"), "cli-test-secret-0123456789\n").unwrap();
+    let mut child = Command::new(exe())
+        .args(["relay", "--listen", "127.0.0.1:0", "--jwt-secret-file"])
+        .arg(dir.join("secret"))
+        .arg("--data")
+        .arg(dir.join("relay"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .expect("relay started")
+        .to_string();
+    (child, format!("ws://{addr}"))
+}
+
+#[test]
+fn sync_exit_codes_for_auth_and_connection_failures() {
+    let cli = Cli::new();
+    let (mut relay, url) = relay_with_secret(cli.path());
+    let secret = cli.path().join("secret");
+    let token = |extra: &[&str]| {
+        let mut args = vec![
+            "token",
+            "--jwt-secret-file",
+            secret.to_str().unwrap(),
+            "--sub",
+            "t",
+            "--ns",
+            "default",
+        ];
+        args.extend_from_slice(extra);
+        cli.ok(&args).trim().to_string()
+    };
+    let rw = token(&["--write"]);
+    let ro = token(&[]);
+    cli.ok(&["new", "note", "title=x"]);
+
+    // No token, a forged token, an expired one: refused, exit 5.
+    let r = cli.run(&["sync", "--relay", &url, "--once"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    assert!(r.stderr.contains("refused"), "{}", r.stderr);
+    let forged = format!("{}x", &rw[..rw.len() - 1]);
+    assert_eq!(
+        cli.run(&["sync", "--relay", &url, "--token", &forged, "--once"])
+            .code,
+        5
+    );
+    let expired = token(&["--ttl", "0s"]);
+    assert_eq!(
+        cli.run(&["sync", "--relay", &url, "--token", &expired, "--once"])
+            .code,
+        5
+    );
+    // A read-only token with local changes pending cannot finish: exit 5.
+    let r = cli.run(&["sync", "--relay", &url, "--token", &ro, "--once"]);
+    assert_eq!(r.code, 5, "{}", r.stderr);
+    // The right token works; then the read-only one has nothing pending and succeeds.
+    let r = cli.run(&["sync", "--relay", &url, "--token", &rw, "--once"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(
+        r.stdout,
+        "pushed 1 changes (1 documents), pulled 0 changes (0 documents)\n"
+    );
+    let r = cli.run(&[
+        "--data", "reader", "sync", "--relay", &url, "--token", &ro, "--once", "--json",
+    ]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert_eq!(json(&r.stdout)["changes_pulled"], 1);
+    assert_eq!(
+        cli.ok(&["status"]).lines().last().unwrap(),
+        "1 documents: 1 synced, 0 syncing, 0 pending, 0 conflict"
+    );
+    relay.kill().unwrap();
+    relay.wait().unwrap();
+    // Nobody listening: unreachable, exit 6.
+    let r = cli.run(&["sync", "--relay", &url, "--token", &rw, "--once"]);
+    assert_eq!(r.code, 6, "{}", r.stderr);
+    assert!(r.stderr.contains("unreachable"), "{}", r.stderr);
+    // Usage: --once or --watch is required.
+    assert_eq!(cli.run(&["sync", "--relay", &url]).code, 2);
+}
