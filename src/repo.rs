@@ -407,10 +407,15 @@ impl Repo {
         Ok(id)
     }
 
+    /// Put a loaded document in the cache, unless another thread loaded it first: then that
+    /// copy wins and is returned. Two copies of one document would each append at the same
+    /// journal seq and overwrite each other's changes.
     fn cache(&self, id: DocId, loaded: Loaded) -> Arc<Mutex<Loaded>> {
-        let entry = Arc::new(Mutex::new(loaded));
         let mut docs = lock(&self.inner.docs);
-        docs.insert(id, entry.clone());
+        let entry = docs
+            .entry(id)
+            .or_insert_with(|| Arc::new(Mutex::new(loaded)))
+            .clone();
         if docs.len() > self.inner.opts.cache_docs {
             // Evict documents nobody is using; a busy one stays until it is idle.
             let idle: Vec<DocId> = docs
@@ -426,18 +431,36 @@ impl Repo {
         entry
     }
 
-    fn forget(&self, id: &DocId) {
-        lock(&self.inner.docs).remove(id);
+    /// After a failed write, make the loaded copy what the store holds again (the caller holds
+    /// the document's lock, so nobody sees the state in between).
+    fn reload(&self, id: &DocId, l: &mut Loaded) {
+        match self.inner.store.load(id) {
+            Ok(Some(stored)) => match self.build(&stored) {
+                Ok(doc) => {
+                    l.doc = doc;
+                    l.meta = stored.meta;
+                }
+                Err(reason) => {
+                    tracing::error!(doc = %id, %reason, "could not reload after a failed write")
+                }
+            },
+            Ok(None) => {
+                l.doc = Automerge::new().with_actor(self.inner.actor.clone());
+                l.meta = DocMeta {
+                    namespace: l.meta.namespace.clone(),
+                    ..DocMeta::default()
+                };
+            }
+            Err(e) => {
+                tracing::error!(doc = %id, error = %e, "could not reload after a failed write")
+            }
+        }
     }
 
-    /// The loaded document, loading it (snapshot + journal tail) if needed.
-    fn entry(&self, id: &DocId) -> Result<Arc<Mutex<Loaded>>, Error> {
-        if let Some(e) = lock(&self.inner.docs).get(id) {
-            return Ok(e.clone());
-        }
-        let stored = self.inner.store.load(id)?.ok_or(Error::NotFound(*id))?;
+    /// A document from its stored snapshot and journal tail.
+    fn build(&self, stored: &crate::store::Stored) -> Result<Automerge, String> {
         let actor = self.inner.actor.clone();
-        let loaded = guarded(|| {
+        guarded(|| {
             let mut doc = match &stored.snapshot {
                 Some(bytes) => {
                     Automerge::load(bytes).map_err(|e| format!("snapshot does not load: {e}"))?
@@ -454,8 +477,16 @@ impl Repo {
             doc.apply_changes(changes)
                 .map_err(|e| format!("journal does not apply: {e}"))?;
             Ok(doc.with_actor(actor))
-        });
-        match loaded {
+        })
+    }
+
+    /// The loaded document, loading it (snapshot + journal tail) if needed.
+    fn entry(&self, id: &DocId) -> Result<Arc<Mutex<Loaded>>, Error> {
+        if let Some(e) = lock(&self.inner.docs).get(id) {
+            return Ok(e.clone());
+        }
+        let stored = self.inner.store.load(id)?.ok_or(Error::NotFound(*id))?;
+        match self.build(&stored) {
             Ok(doc) => Ok(self.cache(
                 *id,
                 Loaded {
@@ -512,6 +543,9 @@ impl Repo {
 
     /// Run `f` as one local change of `id`, with `message` (optional) recorded on it. Returns
     /// the new change's hash (hex), or `None` if `f` wrote nothing. Durable on return.
+    ///
+    /// `f` runs while the document is locked: read what it needs before calling `change`, and
+    /// do not call this `Repo` about the same document from inside it (that would deadlock).
     pub fn change<F>(&self, id: &DocId, f: F) -> Result<Option<String>, Error>
     where
         F: FnOnce(&mut Tx<'_, '_>) -> Result<(), EntityError>,
@@ -539,9 +573,10 @@ impl Repo {
             Ok(m) => m,
             Err(e) => {
                 tx.rollback();
-                // Migration changes already applied are valid on their own; keep them.
+                // A refused write writes nothing, not even the migration it would have carried:
+                // put the document back as the store has it.
                 if !changes.is_empty() {
-                    self.persist_local(id, &mut l, &changes)?;
+                    self.reload(id, &mut l);
                 }
                 return Err(e.into());
             }
@@ -577,7 +612,7 @@ impl Repo {
         });
         self.emit_conflicts(id, &before, &after);
         self.emit_status(id);
-        self.maybe_compact(id, &entry)?;
+        self.maybe_compact(id, &entry);
         Ok(hash.map(|h| h.to_string()))
     }
 
@@ -591,39 +626,47 @@ impl Repo {
                 Ok(())
             }
             Err(e) => {
-                // The in-memory document holds a change the disk may not: drop it so the next
-                // read reloads what is durable.
-                self.forget(id);
+                // The in-memory document holds a change the store failed to take: go back to
+                // what the store has.
+                self.reload(id, l);
                 Err(e.into())
             }
         }
     }
 
-    fn maybe_compact(&self, id: &DocId, entry: &Arc<Mutex<Loaded>>) -> Result<(), Error> {
+    /// Compact when the journal tail is long. The write that triggered it is already durable
+    /// and announced, so a failure here is logged, not returned (a caller that saw an error
+    /// would retry a write that succeeded).
+    fn maybe_compact(&self, id: &DocId, entry: &Arc<Mutex<Loaded>>) {
         let mut l = lock(entry);
         if l.meta.tail_changes < self.inner.opts.compact_after_changes
             && l.meta.tail_bytes < self.inner.opts.compact_after_bytes
         {
-            return Ok(());
+            return;
         }
+        if let Err(e) = self.compact_loaded(id, &mut l) {
+            tracing::warn!(doc = %id, error = %e, "compaction failed; the journal stays as it is");
+        }
+    }
+
+    fn compact_loaded(&self, id: &DocId, l: &mut Loaded) -> Result<(), Error> {
         let bytes = l.doc.save();
         let covers = l.meta.next_seq;
         let mut meta = l.meta.clone();
-        self.inner.store.compact(id, &mut meta, &bytes, covers)?;
-        l.meta = meta;
-        Ok(())
+        let r = self.inner.store.compact(id, &mut meta, &bytes, covers);
+        // Once the new snapshot is durable the store points at it, even if cleaning up the old
+        // one failed: adopt its metadata either way.
+        if r.is_ok() || meta.snapshot_gen != l.meta.snapshot_gen {
+            l.meta = meta;
+        }
+        Ok(r?)
     }
 
     /// Write a snapshot of `id` now and drop the journal it covers.
     pub fn compact(&self, id: &DocId) -> Result<(), Error> {
         let entry = self.entry(id)?;
         let mut l = lock(&entry);
-        let bytes = l.doc.save();
-        let covers = l.meta.next_seq;
-        let mut meta = l.meta.clone();
-        self.inner.store.compact(id, &mut meta, &bytes, covers)?;
-        l.meta = meta;
-        Ok(())
+        self.compact_loaded(id, &mut l)
     }
 
     /// Mark an entity deleted.
@@ -859,7 +902,7 @@ impl Repo {
         let offered = fresh.len();
         let applied = guarded(|| l.doc.apply_changes(fresh).map_err(|e| e.to_string()));
         if let Err(e) = applied {
-            self.forget(id);
+            self.reload(id, &mut l);
             return Err(Error::InvalidData(e));
         }
         // Everything that became part of the document, including changes that waited in
@@ -879,8 +922,7 @@ impl Repo {
         let mut meta = l.meta.clone();
         refresh_meta(&mut meta, &l.doc, schema);
         if let Err(e) = self.inner.store.append(id, &mut meta, &added, local) {
-            drop(l);
-            self.forget(id);
+            self.reload(id, &mut l);
             return Err(e.into());
         }
         l.meta = meta;
@@ -894,7 +936,7 @@ impl Repo {
         });
         self.emit_conflicts(id, &before, &after);
         self.emit_status(id);
-        self.maybe_compact(id, &entry)?;
+        self.maybe_compact(id, &entry);
         Ok(Applied {
             applied: added.len(),
             missing_deps: offered.saturating_sub(added.len()),
@@ -978,26 +1020,20 @@ impl Repo {
     }
 
     /// Update a document's metadata through `f` and persist it durably, keeping the loaded
-    /// copy (if any) in step.
+    /// copy in step.
     fn update_meta<T>(
         &self,
         id: &DocId,
         f: impl FnOnce(&Store, &mut DocMeta) -> Result<T, StoreError>,
     ) -> Result<T, Error> {
-        let entry = lock(&self.inner.docs).get(id).cloned();
-        match entry {
-            Some(e) => {
-                let mut l = lock(&e);
-                let mut meta = l.meta.clone();
-                let r = f(&self.inner.store, &mut meta)?;
-                l.meta = meta;
-                Ok(r)
-            }
-            None => {
-                let mut meta = self.inner.store.meta(id)?.ok_or(Error::NotFound(*id))?;
-                Ok(f(&self.inner.store, &mut meta)?)
-            }
-        }
+        // Always under the document's lock: a read-modify-write of the metadata racing a local
+        // write would put back an old `next_seq` (and the next write would reuse a seq).
+        let entry = self.entry(id)?;
+        let mut l = lock(&entry);
+        let mut meta = l.meta.clone();
+        let r = f(&self.inner.store, &mut meta)?;
+        l.meta = meta;
+        Ok(r)
     }
 
     /// A relay acknowledged these journal seqs of `id`: they leave the outbox (durably).
@@ -1067,9 +1103,18 @@ fn check_name(what: &str, s: &str) -> Result<(), Error> {
     Ok(())
 }
 
+/// The longest type name kept in metadata: `_type` comes from peers and files, and metadata
+/// must stay within one 4 KiB value.
+const MAX_META_TYPE: usize = 128;
+
 fn refresh_meta(meta: &mut DocMeta, doc: &Automerge, schema: Option<&Schema>) {
     let view = View::new(doc, schema);
-    meta.ty = view.entity_type().unwrap_or_default();
+    meta.ty = view
+        .entity_type()
+        .unwrap_or_default()
+        .chars()
+        .take(MAX_META_TYPE)
+        .collect();
     meta.schema = view.schema_version();
     meta.deleted = view.is_deleted();
     meta.heads = doc.get_heads().iter().map(|h| h.0).collect();

@@ -1450,12 +1450,15 @@ impl ClientSession {
         let limits = relay.limits.clone();
         let max_frame = relay.max_frame;
         if self.pushes.history_wanted.remove(&doc) {
-            let changes = match repo.all_changes(&doc) {
-                Ok(c) => c,
-                Err(e) => return self.doc_failed(repo, doc, Direction::Upload, e),
-            };
+            // The outbox first: a change made between the two reads is then in the history
+            // pushed but not among the entries acked for it (it stays pending and is pushed
+            // again), never the other way round (acked without being pushed).
             let covers = match repo.outbox(&doc) {
                 Ok(o) => o.into_iter().map(|(s, _)| s).collect(),
+                Err(e) => return self.doc_failed(repo, doc, Direction::Upload, e),
+            };
+            let changes = match repo.all_changes(&doc) {
+                Ok(c) => c,
                 Err(e) => return self.doc_failed(repo, doc, Direction::Upload, e),
             };
             if self.upload_counted.insert(doc) {

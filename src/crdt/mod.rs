@@ -593,7 +593,7 @@ impl Writer<'_, '_> {
         }
         let obj = self.container(&f, ObjType::Text)?;
         let len = self.tx.length(&obj);
-        if pos > len || pos + del > len {
+        if pos > len || pos.checked_add(del).is_none_or(|end| end > len) {
             return Err(EntityError::InvalidValue {
                 field: f.name,
                 reason: format!("splice {pos}+{del} is outside the text (length {len})"),

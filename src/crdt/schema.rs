@@ -290,7 +290,14 @@ impl SchemaBuilder {
         }
         self.migrations.sort_by_key(|m| m.from);
         for (i, m) in self.migrations.iter().enumerate() {
-            let expected = self.version - self.migrations.len() as u64 + i as u64;
+            let Some(first) = self.version.checked_sub(self.migrations.len() as u64) else {
+                return bad(format!(
+                    "{} migrations cannot lead to version {}",
+                    self.migrations.len(),
+                    self.version
+                ));
+            };
+            let expected = first + i as u64;
             if m.from != expected || m.from == 0 {
                 return bad(format!(
                     "migrations must go one version at a time and end at version {} (found one from version {})",

@@ -227,6 +227,18 @@ impl RelayLog {
         Ok(log)
     }
 
+    /// Give the relay a new identity (after restoring an older backup): devices then reset
+    /// their cursors and re-push everything, so nothing newer than the backup is lost.
+    pub fn new_identity(&mut self) -> Result<[u8; 16], StoreError> {
+        let id: [u8; 16] = rand::random();
+        let mut batch = Batch::default();
+        batch.put(meta_key("id"), id.to_vec());
+        self.commit.write(&*self.backend, batch)?;
+        self.durable()?;
+        self.relay_id = id;
+        Ok(id)
+    }
+
     /// Made when this storage was created; a client that sees another one re-pushes.
     pub fn relay_id(&self) -> [u8; 16] {
         self.relay_id
@@ -319,6 +331,7 @@ impl RelayLog {
         };
         let mut batch = Batch::default();
         let mut in_batch: HashMap<ChangeHash, u64> = HashMap::new();
+        let mut in_batch_actor: HashSet<(Vec<u8>, u64)> = HashSet::new();
         let mut seqs = Vec::with_capacity(parsed.len());
         let new_from = rec.head + 1;
         let mut new_changes = Vec::new();
@@ -334,17 +347,39 @@ impl RelayLog {
                 continue;
             }
             let actor = c.actor_id().to_bytes();
-            let actor_key = key(
-                T_ACTOR,
-                doc,
-                &[&[actor.len() as u8], actor, &c.seq().to_be_bytes()],
-            );
+            let Ok(actor_len) = u8::try_from(actor.len()) else {
+                return Err(PushError::BadChange {
+                    index,
+                    reason: "actor ids longer than 255 bytes are not accepted".into(),
+                });
+            };
+            let actor_key_at =
+                |seq: u64| key(T_ACTOR, doc, &[&[actor_len], actor, &seq.to_be_bytes()]);
+            let actor_key = actor_key_at(c.seq());
             if self.backend.get(&actor_key)?.is_some() {
                 return Err(PushError::HashMismatch {
                     index,
                     actor: hex::encode(actor),
                     seq: c.seq(),
                 });
+            }
+            // An actor's changes are numbered 1, 2, 3... with no gap: Automerge refuses a
+            // document whose actor seqs skip, so a gap must never enter the log.
+            match c.seq() {
+                0 => {
+                    return Err(PushError::BadChange {
+                        index,
+                        reason: "a change's seq starts at 1".into(),
+                    })
+                }
+                1 => {}
+                n => {
+                    if !in_batch_actor.contains(&(actor.to_vec(), n - 1))
+                        && self.backend.get(&actor_key_at(n - 1))?.is_none()
+                    {
+                        return Err(PushError::NeedHistory { index });
+                    }
+                }
             }
             for dep in c.deps() {
                 if !in_batch.contains_key(dep)
@@ -365,6 +400,7 @@ impl RelayLog {
             batch.put(key(T_HASH, doc, &[&hash.0]), seq.to_be_bytes().to_vec());
             batch.put(actor_key, hash.0.to_vec());
             in_batch.insert(hash, seq);
+            in_batch_actor.insert((actor.to_vec(), c.seq()));
             seqs.push(seq);
             new_changes.push(bytes.clone());
         }
@@ -401,10 +437,13 @@ impl RelayLog {
     /// remain). A cursor before the compaction point gets the snapshot first.
     pub fn pull(&self, doc: &DocId, after: u64, max_bytes: u64) -> Result<Page, StoreError> {
         self.stats.pulls.fetch_add(1, Ordering::Relaxed);
+        // Serve only what is durable: a device that saw seq N and persisted that cursor must
+        // never meet another change numbered N after a crash.
+        self.durable()?;
         let Some(rec) = self.record(doc)? else {
             return Ok(Page {
                 namespace: String::new(),
-                from: after + 1,
+                from: after.saturating_add(1),
                 to: after,
                 changes: Vec::new(),
                 more: false,
@@ -424,7 +463,7 @@ impl RelayLog {
             snapshot = Some((rec.compacted_upto, bytes));
             after = rec.compacted_upto;
         }
-        let from = after + 1;
+        let from = after.saturating_add(1);
         let mut changes: Vec<Vec<u8>> = Vec::new();
         let mut bytes = 0u64;
         let mut seq = from;
@@ -469,8 +508,9 @@ impl RelayLog {
         limit: usize,
     ) -> Result<(Vec<FeedEntry>, u64, bool), StoreError> {
         self.stats.feed_pages.fetch_add(1, Ordering::Relaxed);
+        self.durable()?;
         let prefix = ns_key(T_FEED, namespace, &[]);
-        let start = ns_key(T_FEED, namespace, &[&(after + 1).to_be_bytes()]);
+        let start = ns_key(T_FEED, namespace, &[&after.saturating_add(1).to_be_bytes()]);
         let found = self.backend.scan_from(&prefix, &start, limit + 1)?;
         let more = found.len() > limit;
         let mut next = after;
@@ -530,7 +570,14 @@ impl RelayLog {
         {
             return Ok(());
         }
-        let r = self.compact_inner(doc);
+        // Automerge must not take the relay down, and the doc must leave `compacting` whatever
+        // happens.
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.compact_inner(doc)))
+            .unwrap_or_else(|_| {
+                Err(StoreError::Corrupt(format!(
+                    "automerge panicked compacting {doc}"
+                )))
+            });
         self.compacting
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -583,7 +630,8 @@ impl RelayLog {
         }
         am.apply_changes(changes)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let saved = am.save();
+        // Uncompressed: a device loads this without a bound on inflation otherwise.
+        let saved = am.save_nocompress();
         let gen = rec.snapshot_gen + 1;
         let mut batch = Batch::default();
         let chunks = put_chunks(

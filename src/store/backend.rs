@@ -36,6 +36,8 @@ pub trait Backend: Send + Sync {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Every entry whose key starts with `prefix`, in key order.
     fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError>;
+    /// The greatest key starting with `prefix`.
+    fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `limit` entries whose key starts with `prefix` and is ≥ `start`, in key order.
     fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError>;
     /// Apply a batch atomically (not yet durable).
@@ -110,6 +112,13 @@ impl Backend for SledBackend {
             .collect()
     }
 
+    fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.tree.scan_prefix(prefix).next_back() {
+            Some(r) => Ok(Some(r?.0.to_vec())),
+            None => Ok(None),
+        }
+    }
+
     fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
         self.tree
             .range(start.to_vec()..)
@@ -166,6 +175,15 @@ impl Backend for MemoryBackend {
             .take_while(|(k, _)| k.starts_with(prefix))
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect())
+    }
+
+    fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+        Ok(map
+            .range(prefix.to_vec()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .last()
+            .map(|(k, _)| k.clone()))
     }
 
     fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {

@@ -23,7 +23,7 @@ pub(crate) struct GroupCommit {
 
 #[derive(Default)]
 struct State {
-    /// Tickets handed out.
+    /// Batches applied (each write is a ticket: a flush started after it covers it).
     taken: u64,
     /// Every ticket up to this one is durable.
     durable: u64,
@@ -40,7 +40,7 @@ struct State {
 const JOIN_WAIT: Duration = Duration::from_millis(2);
 
 impl GroupCommit {
-    /// (tickets taken, flushes run).
+    /// (batches applied, flushes run).
     pub(crate) fn counts(&self) -> (u64, u64) {
         let st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         (st.taken, st.flushes)
@@ -52,15 +52,20 @@ impl GroupCommit {
         let r = backend.write(batch);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.writing -= 1;
+        if r.is_ok() {
+            st.taken += 1;
+        }
         if st.writing == 0 {
             self.done.notify_all();
         }
         r
     }
 
+    /// Return once every batch applied before this call is durable. Cheap when nothing is
+    /// pending, so readers can call it before serving what they read (never serve, push or
+    /// acknowledge anything that a crash could still take back).
     pub(crate) fn sync(&self, backend: &dyn Backend) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        st.taken += 1;
         let mine = st.taken;
         loop {
             if st.durable >= mine {

@@ -36,6 +36,9 @@ pub const CHUNK: usize = 4096;
 /// The store format this code writes; opening a newer one is refused.
 pub const FORMAT_VERSION: u32 = 1;
 
+/// The largest single change the store keeps (its chunk index is 2 bytes wide).
+pub const MAX_CHANGE_BYTES: usize = CHUNK * 65_535;
+
 /// Most heads kept in [`DocMeta`] (a cache: the document itself is the truth).
 const MAX_META_HEADS: usize = 16;
 
@@ -184,9 +187,9 @@ fn encode_meta(meta: &DocMeta) -> Result<Vec<u8>, StoreError> {
     let mut m = meta.clone();
     m.heads.truncate(MAX_META_HEADS);
     let bytes = bincode::serde::encode_to_vec(&m, bincode_cfg())
-        .map_err(|e| StoreError::Io(e.to_string()))?;
+        .map_err(|e| StoreError::Corrupt(format!("document metadata does not encode: {e}")))?;
     if bytes.len() > CHUNK {
-        return Err(StoreError::Io(format!(
+        return Err(StoreError::Corrupt(format!(
             "document metadata of {} bytes exceeds {CHUNK}",
             bytes.len()
         )));
@@ -387,8 +390,21 @@ impl Store {
         let mut batch = Batch::default();
         let now = now_ms();
         let mut seqs = Vec::with_capacity(changes.len());
-        let mut next = meta.next_seq.max(meta.snapshot_covers).max(1);
+        // The journal itself says which seqs are taken: a stale copy of the metadata must never
+        // make a write overwrite an earlier one.
+        let last = self
+            .backend
+            .last(&key(T_CHANGE, doc, &[]))?
+            .and_then(|k| be_u64(k.get(17..)?))
+            .map_or(0, |s| s + 1);
+        let mut next = meta.next_seq.max(meta.snapshot_covers).max(last).max(1);
         for c in changes {
+            if c.len() > MAX_CHANGE_BYTES {
+                return Err(StoreError::Corrupt(format!(
+                    "a change of {} bytes is over the {MAX_CHANGE_BYTES}-byte limit",
+                    c.len()
+                )));
+            }
             let seq = next;
             next += 1;
             put_chunks(&mut batch, key(T_CHANGE, doc, &[&seq.to_be_bytes()]), c, 2);
@@ -421,32 +437,41 @@ impl Store {
         self.durable()
     }
 
-    /// The local changes of a document that no relay has acknowledged: (seq, bytes).
+    /// The local changes of a document that no relay has acknowledged: (seq, bytes). Only what
+    /// is durable is returned (a change pushed before its local flush could be acknowledged by a
+    /// relay and then lost here, and its (actor, seq) reused).
     pub fn outbox(&self, doc: &DocId) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+        self.durable()?;
         let pending: Vec<u64> = self
             .backend
             .scan(&key(T_OUTBOX, doc, &[]))?
             .into_iter()
             .filter_map(|(k, _)| be_u64(&k[17..]))
             .collect();
-        if pending.is_empty() {
-            return Ok(Vec::new());
+        let mut out = Vec::with_capacity(pending.len());
+        for seq in pending {
+            let chunks = self
+                .backend
+                .scan(&key(T_CHANGE, doc, &[&seq.to_be_bytes()]))?;
+            if chunks.is_empty() {
+                return Err(StoreError::Corrupt(format!(
+                    "outbox entry {seq} of {doc} has no journal entry"
+                )));
+            }
+            out.push((seq, chunks.into_iter().flat_map(|(_, v)| v).collect()));
         }
-        let journal = self.journal(doc)?;
-        Ok(journal
-            .into_iter()
-            .filter(|(s, _)| pending.binary_search(s).is_ok())
-            .collect())
+        Ok(out)
     }
 
     /// Documents with outbox entries.
     pub fn outbox_docs(&self) -> Result<Vec<DocId>, StoreError> {
+        self.durable()?;
         let mut out: Vec<DocId> = Vec::new();
         for (k, _) in self.backend.scan(&[T_OUTBOX])? {
             let id = DocId(
-                k[1..17]
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("outbox key".into()))?,
+                k.get(1..17)
+                    .and_then(|s| s.try_into().ok())
+                    .ok_or_else(|| StoreError::Corrupt("outbox key".into()))?,
             );
             if out.last() != Some(&id) {
                 out.push(id);
@@ -507,7 +532,17 @@ impl Store {
         batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
         self.commit.write(&*self.backend, batch)?;
         self.durable()?;
+        // The new snapshot is durable and the metadata points at it: from here on the cleanup
+        // is best effort (what it misses is retried by the next compaction).
+        if let Err(e) = self.drop_covered(doc, covers, gen) {
+            tracing::warn!(%doc, error = %e, "could not delete a compacted journal prefix");
+        }
+        Ok(())
+    }
 
+    /// Delete journal entries below `covers` (except outbox entries) and every snapshot
+    /// generation older than `gen`.
+    fn drop_covered(&self, doc: &DocId, covers: u64, gen: u64) -> Result<(), StoreError> {
         let outbox: Vec<u64> = self
             .backend
             .scan(&key(T_OUTBOX, doc, &[]))?
@@ -522,11 +557,8 @@ impl Store {
                 }
             }
         }
-        if old_gen > 0 {
-            for (k, _) in self
-                .backend
-                .scan(&key(T_SNAPSHOT, doc, &[&old_gen.to_be_bytes()]))?
-            {
+        for (k, _) in self.backend.scan(&key(T_SNAPSHOT, doc, &[]))? {
+            if be_u64(&k[17..]).is_some_and(|g| g < gen) {
                 batch.remove(k);
             }
         }
@@ -538,8 +570,7 @@ impl Store {
     /// in place for inspection) and reported instead of loaded.
     pub fn quarantine(&self, doc: &DocId, reason: &str) -> Result<(), StoreError> {
         let mut meta = self.meta(doc)?.unwrap_or_default();
-        let mut reason = reason.to_string();
-        reason.truncate(1024);
+        let reason: String = reason.chars().take(512).collect();
         meta.quarantined = Some(reason);
         self.put_meta(doc, &meta)
     }

@@ -5,6 +5,7 @@ mod cli;
 mod crash;
 mod local;
 mod migration;
+mod props;
 mod quickstart;
 mod relay;
 mod relay_crash;

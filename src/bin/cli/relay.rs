@@ -78,11 +78,11 @@ pub fn parse_duration(s: &str) -> Result<Duration, Failure> {
             format!("'{s}' is not a duration (try 30s, 15m, 1h, 7d)"),
         )
     })?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
+    let unit_secs: u64 = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
         _ => {
             return Err(Failure::new(
                 EXIT_USAGE,
@@ -90,6 +90,9 @@ pub fn parse_duration(s: &str) -> Result<Duration, Failure> {
             ))
         }
     };
+    let secs = n
+        .checked_mul(unit_secs)
+        .ok_or_else(|| Failure::new(EXIT_USAGE, format!("'{s}' is too long a duration")))?;
     Ok(Duration::from_secs(secs))
 }
 

@@ -719,7 +719,7 @@ pub fn status(cli: &Cli, args: &StatusArgs) -> CmdResult {
 }
 
 pub fn export(cli: &Cli, args: &ExportArgs) -> CmdResult {
-    let repo = open(cli)?;
+    let repo = open_read(cli)?;
     let id = find(&repo, &args.doc)?;
     let bytes = repo.export(&id)?;
     let path = args
