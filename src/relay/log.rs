@@ -437,6 +437,14 @@ impl RelayLog {
     /// remain). A cursor before the compaction point gets the snapshot first.
     pub fn pull(&self, doc: &DocId, after: u64, max_bytes: u64) -> Result<Page, StoreError> {
         self.stats.pulls.fetch_add(1, Ordering::Relaxed);
+        match self.pull_once(doc, after, max_bytes) {
+            // A compaction may have deleted what this pull's record pointed at: read again.
+            Err(StoreError::Corrupt(_)) => self.pull_once(doc, after, max_bytes),
+            r => r,
+        }
+    }
+
+    fn pull_once(&self, doc: &DocId, after: u64, max_bytes: u64) -> Result<Page, StoreError> {
         // Serve only what is durable: a device that saw seq N and persisted that cursor must
         // never meet another change numbered N after a crash.
         self.durable()?;
@@ -454,12 +462,17 @@ impl RelayLog {
         let mut snapshot = None;
         let mut after = after.min(rec.head);
         if after < rec.compacted_upto {
-            let bytes: Vec<u8> = self
-                .backend
-                .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?
-                .into_iter()
-                .flat_map(|(_, v)| v)
-                .collect();
+            let chunks =
+                self.backend
+                    .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?;
+            if chunks.len() != rec.snapshot_chunks as usize {
+                return Err(StoreError::Corrupt(format!(
+                    "snapshot of {doc} has {} of its {} chunks",
+                    chunks.len(),
+                    rec.snapshot_chunks
+                )));
+            }
+            let bytes: Vec<u8> = chunks.into_iter().flat_map(|(_, v)| v).collect();
             snapshot = Some((rec.compacted_upto, bytes));
             after = rec.compacted_upto;
         }

@@ -47,6 +47,10 @@ pub struct RelayArgs {
     /// Compact a document's log after this many changes.
     #[arg(long, default_value_t = 10_000)]
     pub compact_after: u64,
+    /// Give the relay a new identity before starting (after restoring an older backup):
+    /// devices then re-push what the backup lacks instead of trusting cursors it never had.
+    #[arg(long)]
+    pub new_identity: bool,
 }
 
 #[derive(Args, Debug)]
@@ -124,6 +128,14 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
         }
     };
     let data = cli.data_dir("TANDEM_RELAY_DATA", "./tandem-relay");
+    if args.new_identity {
+        let mut log = tandem::relay::log::RelayLog::open(&data)
+            .map_err(|e| Failure::new(1, format!("{}: {e}", data.display())))?;
+        let id = log
+            .new_identity()
+            .map_err(|e| Failure::new(1, e.to_string()))?;
+        eprintln!("new relay identity {}", hex::encode(id));
+    }
     let mut cfg = RelayConfig::new(args.listen, Some(data), auth);
     cfg.max_connections = args.max_connections;
     cfg.limits.max_frame_bytes = args.max_frame_bytes;
