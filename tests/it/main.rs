@@ -7,6 +7,7 @@ mod local;
 mod migration;
 mod relay;
 mod relay_crash;
+mod sim;
 mod support;
 mod sync;
 mod wire;
