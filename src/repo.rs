@@ -412,6 +412,13 @@ impl Repo {
     /// Create an entity in namespace `ns`.
     pub fn create_in(&self, ns: &str, ty: &str, fields: serde_json::Value) -> Result<DocId, Error> {
         check_name("namespace", ns)?;
+        if ns == crate::transport::ALL_NAMESPACES {
+            return Err(EntityError::InvalidValue {
+                field: "namespace".into(),
+                reason: format!("'{ns}' is reserved: in a relay's hello it means every namespace"),
+            }
+            .into());
+        }
         check_name("type", ty)?;
         let fields = match fields {
             serde_json::Value::Object(m) => m,

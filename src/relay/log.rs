@@ -170,9 +170,13 @@ fn decode_record(b: &[u8]) -> Result<DocRecord, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("document record: {e}")))
 }
 
-/// A namespace name the relay accepts: it is part of keys, so no NUL, and bounded.
+/// A namespace name the relay accepts: it is part of keys, so no NUL, and bounded; and not
+/// `*`, which in a hello stands for every namespace.
 pub fn valid_namespace(ns: &str) -> bool {
-    !ns.is_empty() && ns.len() <= 128 && !ns.chars().any(|c| c.is_control())
+    !ns.is_empty()
+        && ns.len() <= 128
+        && !ns.chars().any(|c| c.is_control())
+        && ns != crate::transport::ALL_NAMESPACES
 }
 
 impl RelayLog {

@@ -19,7 +19,7 @@ use super::auth::{AuthError, Claims};
 use super::log::{valid_namespace, PushError, RelayLog};
 use crate::ids::DocId;
 use crate::transport::{
-    codec, ClientMsg, ErrorCode, FeedCursor, Limits, RelayMsg, PROTOCOL_VERSION,
+    codec, ClientMsg, ErrorCode, FeedCursor, Limits, RelayMsg, ALL_NAMESPACES, PROTOCOL_VERSION,
 };
 
 /// What a session needs of the relay's configuration.
@@ -71,6 +71,24 @@ fn error(
         doc,
         batch,
     })
+}
+
+/// The most bytes a varint takes.
+const VARINT_MAX: usize = 9;
+
+/// The bytes bincode's varint takes for `v` (see docs/protocol.md, "Encoding").
+fn varint_len(v: u64) -> usize {
+    match v {
+        0..=250 => 1,
+        251..=0xffff => 3,
+        0x1_0000..=0xffff_ffff => 5,
+        _ => VARINT_MAX,
+    }
+}
+
+/// The size of `msg`'s frame.
+fn encoded_len(msg: &RelayMsg) -> usize {
+    codec::encode(msg, usize::MAX).map_or(usize::MAX, |b| b.len())
 }
 
 /// A fatal error: say why, then close.
@@ -168,6 +186,11 @@ impl RelaySession {
                 if !all.iter().any(|n| n == crate::repo::DEFAULT_NAMESPACE) {
                     all.push(crate::repo::DEFAULT_NAMESPACE.to_string());
                 }
+                // The namespaces listed are the ones whose feeds there is something to read
+                // in; `*` says the rest are open too. Without it a client refused to push a
+                // document of a namespace the relay had not seen yet (found by the
+                // simulation: its first push could never happen).
+                all.push(ALL_NAMESPACES.to_string());
                 (all.clone(), all)
             }
         };
@@ -288,7 +311,7 @@ impl RelaySession {
             0 => self.cfg.page_bytes,
             n => n.min(self.cfg.page_bytes),
         };
-        let page = match log.pull(&doc, after, page_bytes) {
+        let mut page = match log.pull(&doc, after, page_bytes) {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(%doc, error = %e, "could not read a log");
@@ -306,9 +329,24 @@ impl RelaySession {
             out.push(error(ErrorCode::Forbidden, m, Some(doc), None));
             return;
         }
+        let max_frame = usize::try_from(self.cfg.limits.max_frame_bytes).unwrap_or(usize::MAX);
         if let Some((upto, bytes)) = &page.snapshot {
-            // Chunks well under the frame limit, leaving room for the message around them.
-            let size = (self.cfg.limits.max_frame_bytes as usize / 2).max(1024);
+            // Chunks well under the frame limit, leaving room for the message around them;
+            // and never over it, however small the frames are configured (the floor of 1 KiB
+            // alone made frames of a relay with `--max-frame-bytes 1024` too large to send).
+            let around = encoded_len(&RelayMsg::Snapshot {
+                doc,
+                namespace: page.namespace.clone(),
+                upto: *upto,
+                chunk: u32::MAX,
+                chunks: u32::MAX,
+                bytes: Vec::new(),
+            })
+            .saturating_add(VARINT_MAX - 1);
+            let size = (max_frame / 2)
+                .max(1024)
+                .min(max_frame.saturating_sub(around))
+                .max(1);
             let chunks: Vec<&[u8]> = bytes.chunks(size).collect();
             let n = chunks.len().max(1) as u32;
             for (i, c) in chunks.iter().enumerate() {
@@ -321,6 +359,36 @@ impl RelaySession {
                     bytes: c.to_vec(),
                 }));
             }
+        }
+        // `page_bytes` counts change bytes only, and an operator may configure frames smaller
+        // than pages: drop changes from the page's end until its frame fits, as the protocol
+        // promises. Found by the simulation: such a page was never sent, and the pull never
+        // answered. One change always stays, so a pull always makes progress.
+        let around = encoded_len(&RelayMsg::Changes {
+            doc,
+            namespace: page.namespace.clone(),
+            from: page.from,
+            to: page.to,
+            changes: Vec::new(),
+            more: true,
+            remaining_bytes: u64::MAX,
+        })
+        .saturating_sub(1)
+        .saturating_add(varint_len(page.changes.len() as u64));
+        let mut size = around.saturating_add(
+            page.changes
+                .iter()
+                .map(|c| c.len() + varint_len(c.len() as u64))
+                .sum::<usize>(),
+        );
+        while size > max_frame && page.changes.len() > 1 {
+            let Some(last) = page.changes.pop() else {
+                break;
+            };
+            size = size.saturating_sub(last.len() + varint_len(last.len() as u64));
+            page.to -= 1;
+            page.more = true;
+            page.remaining_bytes += last.len() as u64;
         }
         out.push(Effect::Send(RelayMsg::Changes {
             doc,
@@ -566,6 +634,34 @@ mod tests {
             .collect()
     }
 
+    /// `n` changes that each put 60 letters Automerge cannot compress away.
+    fn noisy_changes(n: usize) -> Vec<Vec<u8>> {
+        let mut doc = automerge::AutoCommit::new();
+        let mut x: u64 = 1;
+        for i in 0..n {
+            let text: String = (0..60)
+                .map(|_| {
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
+                    (b'a' + (x >> 59) as u8 % 26) as char
+                })
+                .collect();
+            automerge::transaction::Transactable::put(
+                &mut doc,
+                automerge::ROOT,
+                format!("k{i}"),
+                text,
+            )
+            .unwrap();
+            doc.commit();
+        }
+        doc.get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect()
+    }
+
     fn code(e: &Effect) -> Option<ErrorCode> {
         match e {
             Effect::Send(RelayMsg::Error { code, .. }) => Some(*code),
@@ -694,6 +790,89 @@ mod tests {
             (code(&e[0]), &e[1]),
             (Some(ErrorCode::BadFrame), &Effect::Close)
         );
+    }
+
+    #[test]
+    fn pages_and_snapshot_chunks_fit_frames_smaller_than_pages() {
+        let mut log = RelayLog::in_memory();
+        log.compact_after = 1_000_000;
+        let mut cfg = cfg();
+        cfg.limits.max_frame_bytes = 1024;
+        cfg.limits.max_changes_per_push = 1000;
+        let mut s = RelaySession::accept(cfg, hello(Vec::new()), || Ok(None)).unwrap();
+        s.greet(&log);
+        let doc = DocId([7; 16]);
+        let cs = noisy_changes(40);
+        let e = s.handle_message(
+            &log,
+            ClientMsg::Push {
+                namespace: "notes".into(),
+                doc,
+                batch: 1,
+                changes: cs.clone(),
+            },
+        );
+        assert!(matches!(e[0], Effect::Send(RelayMsg::Ack { .. })));
+        let frames = |e: Vec<Effect>| -> Vec<(usize, RelayMsg)> {
+            e.into_iter()
+                .map(|e| match e {
+                    Effect::Send(m) => (codec::encode(&m, usize::MAX).unwrap().len(), m),
+                    other => panic!("expected a send, got {other:?}"),
+                })
+                .collect()
+        };
+        // Pages of all 40 changes would be over 1 KiB: trimmed, and read to the end.
+        let mut after = 0;
+        loop {
+            let pull = ClientMsg::Pull {
+                doc,
+                after,
+                max_bytes: 0,
+            };
+            let [(len, RelayMsg::Changes { to, more, .. })] =
+                &frames(s.handle_message(&log, pull))[..]
+            else {
+                panic!("expected one page");
+            };
+            assert!(*len <= 1024, "a page frame of {len} bytes");
+            after = *to;
+            if !more {
+                break;
+            }
+        }
+        assert_eq!(after, 40);
+        // A compacted log is sent as a snapshot: every chunk fits too.
+        log.compact(&doc).unwrap();
+        let pull = ClientMsg::Pull {
+            doc,
+            after: 0,
+            max_bytes: 0,
+        };
+        let sent = frames(s.handle_message(&log, pull));
+        assert!(sent.len() > 2, "a snapshot in several chunks, then a page");
+        assert!(sent.iter().all(|(len, _)| *len <= 1024));
+    }
+
+    #[test]
+    fn a_relay_without_auth_lets_every_namespace_be_written() {
+        let log = RelayLog::in_memory();
+        let mut s = RelaySession::accept(cfg(), hello(Vec::new()), || Ok(None)).unwrap();
+        let Effect::Send(RelayMsg::Hello { read, write, .. }) = &s.greet(&log)[0] else {
+            panic!("expected the hello first");
+        };
+        assert!(read.iter().any(|n| n == ALL_NAMESPACES));
+        assert!(write.iter().any(|n| n == ALL_NAMESPACES));
+        // ... and `*` itself is never a namespace.
+        let e = s.handle_message(
+            &log,
+            ClientMsg::Push {
+                namespace: ALL_NAMESPACES.into(),
+                doc: DocId([8; 16]),
+                batch: 1,
+                changes: changes(1),
+            },
+        );
+        assert_eq!(code(&e[0]), Some(ErrorCode::BadFrame));
     }
 
     #[test]
