@@ -41,7 +41,7 @@ use tandem::relay::auth::Claims;
 use tandem::relay::log::RelayLog;
 use tandem::relay::session::{Effect, Hub, RelaySession, SessionConfig as RelayConfig};
 use tandem::store::{Backend, Batch, Entries, SledBackend, Store, StoreError, StoreOptions};
-use tandem::transport::{codec, ClientMsg, Limits, RelayMsg};
+use tandem::transport::{codec, ClientMsg, ErrorCode, Limits, RelayMsg};
 use tandem::{DeviceId, DocId, Entropy, Repo, RepoOptions};
 
 use crate::support::note_schema;
@@ -342,6 +342,8 @@ enum DeviceStore {
 
 struct Device {
     name: String,
+    /// What its token allows (`None`: the relay runs without auth).
+    claims: Option<Claims>,
     id: DeviceId,
     store: DeviceStore,
     /// `None` only while it is being reopened.
@@ -351,6 +353,8 @@ struct Device {
     compact_after: u64,
     cfg: ClientConfig,
     conn: Option<u64>,
+    /// Change events were lost since the last rescan.
+    lagged: bool,
 }
 
 /// One WebSocket: two ordered queues of encoded frames and the two sessions at its ends.
@@ -397,7 +401,6 @@ struct Sim {
     base: Instant,
     now: Instant,
     namespaces: Vec<String>,
-    claims: Option<Claims>,
     devices: Vec<Device>,
     relay: Relay,
     conns: BTreeMap<u64, Conn>,
@@ -505,23 +508,8 @@ impl Sim {
             vec!["default".into(), "work".into()]
         };
         // Now and then a relay without auth (`--insecure-no-auth`): everyone may do anything.
-        let claims = (!rng.gen_ratio(1, 5)).then(|| Claims {
-            sub: "sim".into(),
-            exp: u64::MAX,
-            read: Vec::new(),
-            write: namespaces.clone(),
-        });
-        let max_frame_bytes = *pick(&mut rng, &[1024u64, 4096, 65536, 16 << 20]);
-        let cfg = RelayConfig {
-            limits: Limits {
-                max_frame_bytes,
-                max_changes_per_push: *pick(&mut rng, &[1u32, 2, 3, 5, 1000]),
-                max_change_bytes: max_frame_bytes,
-                max_docs_per_connection: 10_000,
-            },
-            page_bytes: *pick(&mut rng, &[300u64, 2000, 1 << 20]),
-            feed_page: *pick(&mut rng, &[1usize, 2, 3, 1000]),
-        };
+        let insecure = rng.gen_ratio(1, 5);
+        let cfg = relay_config(&mut rng);
         let compact_after = *pick(&mut rng, &[3u64, 5, 8, 13, 10_000, 10_000]);
         let queue_bound = *pick(&mut rng, &[3usize, 8, 32, 1024]);
         let disk = Disk::default();
@@ -542,8 +530,25 @@ impl Sim {
                 max_queued_pulls: *pick(&mut rng, &[1usize, 2, 4096]),
                 ..ClientConfig::default()
             };
+            // Device 0 may write everything; the others may be narrower: read-only, writing
+            // only `default`, or seeing only `default`.
+            let access = match rng.gen_range(0..10) {
+                _ if insecure => None,
+                _ if i == 0 => Some((namespaces.clone(), namespaces.clone())),
+                0 => Some((namespaces.clone(), Vec::new())),
+                1 => Some((namespaces.clone(), vec!["default".to_string()])),
+                2 => Some((vec!["default".to_string()], vec!["default".to_string()])),
+                _ => Some((namespaces.clone(), namespaces.clone())),
+            };
+            let claims = access.map(|(read, write)| Claims {
+                sub: format!("d{i}"),
+                exp: u64::MAX,
+                read,
+                write,
+            });
             devices.push(Device {
                 name: format!("d{i}"),
+                claims,
                 id: DeviceId(rng.gen()),
                 store,
                 repo: None,
@@ -551,6 +556,7 @@ impl Sim {
                 compact_after: *pick(&mut rng, &[2u64, 4, 7, 1000]),
                 cfg,
                 conn: None,
+                lagged: false,
             });
         }
         let base = Instant::now();
@@ -561,7 +567,6 @@ impl Sim {
             base,
             now: base,
             namespaces,
-            claims,
             devices,
             relay: Relay {
                 disk,
@@ -623,7 +628,7 @@ impl Sim {
             self.relay.compact_after,
             self.relay.queue_bound
         );
-        let steps = self.rng.gen_range(100..=300);
+        let steps = self.rng.gen_range(150..=450);
         for _ in 0..steps {
             self.step();
         }
@@ -685,6 +690,10 @@ impl Sim {
             }
             900..=939 => self.run_compaction(),
             940..=959 => self.replay_push(),
+            960..=969 => {
+                let d = self.rng.gen_range(0..self.devices.len());
+                self.rescan(d);
+            }
             _ => self.deliver_random(),
         }
     }
@@ -753,6 +762,31 @@ impl Sim {
             .expect("a device's repo is open between steps")
     }
 
+    /// Whether device `d`'s token may write `ns` (a relay without auth lets everyone).
+    fn may_write(&self, d: usize, ns: &str) -> bool {
+        self.devices[d]
+            .claims
+            .as_ref()
+            .is_none_or(|c| c.can_write(ns))
+    }
+
+    /// Whether device `d`'s token may read `ns`.
+    fn may_read(&self, d: usize, ns: &str) -> bool {
+        self.devices[d]
+            .claims
+            .as_ref()
+            .is_none_or(|c| c.can_read(ns))
+    }
+
+    /// A device whose change events were lost rescans its outbox.
+    fn rescan(&mut self, d: usize) {
+        if let (true, Some(c)) = (self.devices[d].lagged, self.devices[d].conn) {
+            self.devices[d].lagged = false;
+            note!(self, "{} rescans its outbox", self.devices[d].name);
+            self.client_call(c, ClientCall::Rescan);
+        }
+    }
+
     fn disk_dead(&self, d: usize) -> bool {
         match &self.devices[d].store {
             DeviceStore::Memory(disk) => disk.is_dead(),
@@ -814,6 +848,8 @@ impl Sim {
             },
         );
         self.devices[d].conn = Some(c);
+        // A new session looks at the whole outbox in its handshake.
+        self.devices[d].lagged = false;
         self.drain_client(c);
     }
 
@@ -821,19 +857,29 @@ impl Sim {
     fn edit(&mut self, d: usize) {
         let repo = self.repo(d);
         let docs: Vec<DocId> = match repo.list(None, true) {
-            Ok(l) => l.into_iter().map(|(id, _)| id).collect(),
+            Ok(l) => l
+                .into_iter()
+                .filter(|(_, m)| self.may_write(d, &m.namespace))
+                .map(|(id, _)| id)
+                .collect(),
             Err(e) => {
                 assert!(self.disk_dead(d), "list failed: {e}");
                 return self.crash_device(d);
             }
         };
+        let writable: Vec<String> = self
+            .namespaces
+            .iter()
+            .filter(|ns| self.may_write(d, ns))
+            .cloned()
+            .collect();
         let create =
             docs.is_empty() || (self.docs_created < self.max_docs && self.rng.gen_ratio(1, 8));
         let result = if create {
-            if self.docs_created >= self.max_docs {
+            if self.docs_created >= self.max_docs || writable.is_empty() {
                 return;
             }
-            let ns = pick(&mut self.rng, &self.namespaces).clone();
+            let ns = pick(&mut self.rng, &writable).clone();
             let title = *pick(&mut self.rng, TITLES);
             let body = random_text(&mut self.rng, 0..=8);
             let r = repo.create_in(
@@ -862,7 +908,13 @@ impl Sim {
             Ok(id) => {
                 self.stats.edits += 1;
                 if let Some(c) = self.devices[d].conn {
-                    self.client_call(c, ClientCall::LocalChanged(id));
+                    if self.rng.gen_ratio(1, 10) {
+                        // The change event was lost (the shell's channel lagged): the shell
+                        // rescans the outbox later.
+                        self.devices[d].lagged = true;
+                    } else {
+                        self.client_call(c, ClientCall::LocalChanged(id));
+                    }
                 }
             }
             Err(e) => {
@@ -974,7 +1026,7 @@ impl Sim {
             None => {
                 let limit = relay.cfg.limits.max_frame_bytes as usize;
                 let first = codec::decode::<ClientMsg>(&frame, limit).ok();
-                let claims = self.claims.clone();
+                let claims = self.devices[conn.device].claims.clone();
                 match RelaySession::accept(relay.cfg.clone(), first, || Ok(claims)) {
                     Ok(mut session) => {
                         conn.hub_id = Some(relay.hub.join(session.claims().cloned(), c));
@@ -1156,6 +1208,7 @@ impl Sim {
             ClientCall::Message(msg) => conn.client.handle_message(now, msg, &repo),
             ClientCall::Timeout => conn.client.handle_timeout(now, &repo),
             ClientCall::LocalChanged(doc) => conn.client.local_changed(now, doc, &repo),
+            ClientCall::Rescan => conn.client.rescan_outbox(now, &repo),
         };
         match result {
             Ok(()) => self.drain_client(c),
@@ -1265,7 +1318,8 @@ impl Sim {
             device: [0xee; 16],
             feeds: Vec::new(),
         };
-        let claims = self.claims.clone();
+        // Whoever replays it may write everything (or the relay has no auth).
+        let claims = self.devices[0].claims.clone();
         let Ok(mut session) =
             RelaySession::accept(self.relay.cfg.clone(), Some(hello), || Ok(claims))
         else {
@@ -1286,9 +1340,9 @@ impl Sim {
                 }
                 // The relay was wiped since: it lacks the dependencies.
                 RelayMsg::NeedHistory { .. } => {}
-                // The relay's disk failed.
+                // The relay's disk failed, or it restarted with smaller limits since.
                 RelayMsg::Error {
-                    code: tandem::transport::ErrorCode::Internal,
+                    code: ErrorCode::Internal | ErrorCode::TooLarge,
                     ..
                 } => {}
                 other => panic!("a replayed push got {other:?}"),
@@ -1321,6 +1375,11 @@ impl Sim {
         self.stats.relay_crashes += 1;
         self.drop_all_conns();
         self.relay.disk.reboot();
+        if self.rng.gen_ratio(1, 3) {
+            // Restarted with other limits: clients learn them from the next hello.
+            self.relay.cfg = relay_config(&mut self.rng);
+            note!(self, "the relay restarts with {:?}", self.relay.cfg);
+        }
         self.relay.log = Relay::open(&self.relay.disk, [0; 16], self.relay.compact_after);
     }
 
@@ -1375,6 +1434,7 @@ impl Sim {
             self.stats.heal_steps += 1;
             for d in 0..self.devices.len() {
                 self.connect(d);
+                self.rescan(d);
             }
             while !self.relay.compactions.is_empty() {
                 self.run_compaction();
@@ -1409,22 +1469,16 @@ impl Sim {
     fn check(&mut self) {
         let n = self.devices.len();
         let repos: Vec<Repo> = (0..n).map(|d| self.repo(d)).collect();
-        let docs: Vec<BTreeSet<DocId>> = repos
-            .iter()
-            .map(|r| {
-                r.list(None, true)
-                    .expect("list")
-                    .into_iter()
-                    .map(|(id, _)| id)
-                    .collect()
-            })
-            .collect();
-        for d in 1..n {
-            assert_eq!(
-                docs[d], docs[0],
-                "{} and {} hold different documents",
-                self.devices[d].name, self.devices[0].name
-            );
+        // Every document anyone holds, and its namespace.
+        let mut all: BTreeMap<DocId, String> = BTreeMap::new();
+        let mut held: Vec<BTreeSet<DocId>> = Vec::new();
+        for r in &repos {
+            let list = r.list(None, true).expect("list");
+            held.push(list.iter().map(|(id, _)| *id).collect());
+            for (id, meta) in list {
+                let ns = all.entry(id).or_insert_with(|| meta.namespace.clone());
+                assert_eq!(*ns, meta.namespace, "{id} is in two namespaces");
+            }
         }
         for r in &repos {
             assert_eq!(
@@ -1433,28 +1487,49 @@ impl Sim {
                 "an outbox is not empty after healing"
             );
         }
-        for id in &docs[0] {
-            let reference = repos[0].get(id).expect("get");
-            let conflicts = format!("{:?}", repos[0].conflicts(id, false).expect("conflicts"));
-            for (d, r) in repos.iter().enumerate().skip(1) {
-                let e = r.get(id).expect("get");
+        // Whoever may read a document's namespace holds it, in the same state; nobody else.
+        let mut readers_of: BTreeMap<DocId, Vec<usize>> = BTreeMap::new();
+        for (id, ns) in &all {
+            let readers: Vec<usize> = (0..n).filter(|d| self.may_read(*d, ns)).collect();
+            for (d, docs) in held.iter().enumerate() {
+                assert_eq!(
+                    docs.contains(id),
+                    readers.contains(&d),
+                    "{} {} {id} of namespace {ns}",
+                    self.devices[d].name,
+                    if docs.contains(id) { "holds" } else { "lacks" }
+                );
+            }
+            let first = readers[0];
+            let reference = repos[first].get(id).expect("get");
+            let conflicts = format!(
+                "{:?}",
+                repos[first].conflicts(id, false).expect("conflicts")
+            );
+            for &d in &readers[1..] {
+                let e = repos[d].get(id).expect("get");
                 let who = &self.devices[d].name;
                 assert_eq!(e.heads, reference.heads, "{who}: heads of {id}");
                 assert_eq!(e.value, reference.value, "{who}: value of {id}");
                 assert_eq!(e.deleted, reference.deleted, "{who}: deleted of {id}");
                 assert_eq!(
-                    format!("{:?}", r.conflicts(id, false).expect("conflicts")),
+                    format!("{:?}", repos[d].conflicts(id, false).expect("conflicts")),
                     conflicts,
                     "{who}: conflicts of {id}"
                 );
             }
+            readers_of.insert(*id, readers);
         }
         // Nothing acknowledged is lost (invariant 7).
-        for (d, r) in repos.iter().enumerate() {
-            let mut held: BTreeMap<DocId, BTreeSet<[u8; 32]>> = BTreeMap::new();
-            for (doc, h) in &self.acked {
-                let set = held.entry(*doc).or_insert_with(|| {
-                    r.all_changes(doc)
+        let mut changes: BTreeMap<(usize, DocId), BTreeSet<[u8; 32]>> = BTreeMap::new();
+        for (doc, h) in &self.acked {
+            let readers = readers_of
+                .get(doc)
+                .unwrap_or_else(|| panic!("nobody holds {doc}, which has acknowledged changes"));
+            for &d in readers {
+                let set = changes.entry((d, *doc)).or_insert_with(|| {
+                    repos[d]
+                        .all_changes(doc)
                         .unwrap_or_default()
                         .iter()
                         .map(|c| hash_of(c))
@@ -1475,7 +1550,8 @@ impl Sim {
             .into_iter()
             .map(|(id, _)| id)
             .collect();
-        assert_eq!(relay_docs, docs[0], "the relay holds other documents");
+        let everything: BTreeSet<DocId> = all.keys().copied().collect();
+        assert_eq!(relay_docs, everything, "the relay holds other documents");
         for id in &relay_docs {
             let page = log.contents(id).expect("relay contents");
             let mut doc = match &page.snapshot {
@@ -1494,7 +1570,7 @@ impl Sim {
                 doc.apply_changes([change]).expect("apply a logged change");
             }
             let heads: Vec<String> = doc.get_heads().iter().map(|h| h.to_string()).collect();
-            let expected = repos[0].get(id).expect("get").heads;
+            let expected = repos[readers_of[id][0]].get(id).expect("get").heads;
             assert_eq!(heads, expected, "the relay's log of {id} ends elsewhere");
         }
     }
@@ -1504,9 +1580,25 @@ enum ClientCall {
     Message(RelayMsg),
     Timeout,
     LocalChanged(DocId),
+    Rescan,
 }
 
 const TITLES: &[&str] = &["Trip", "Rome", "Oslo", "Lima"];
+
+/// The relay's limits: small frames, pages, pushes and feed pages, to reach every path.
+fn relay_config(rng: &mut StdRng) -> RelayConfig {
+    let max_frame_bytes = *pick(rng, &[1024u64, 4096, 65536, 16 << 20]);
+    RelayConfig {
+        limits: Limits {
+            max_frame_bytes,
+            max_changes_per_push: *pick(rng, &[1u32, 2, 3, 5, 1000]),
+            max_change_bytes: max_frame_bytes,
+            max_docs_per_connection: 10_000,
+        },
+        page_bytes: *pick(rng, &[300u64, 2000, 1 << 20]),
+        feed_page: *pick(rng, &[1usize, 2, 3, 1000]),
+    }
+}
 
 #[derive(Debug)]
 enum Op {
