@@ -66,8 +66,18 @@ fn simulation() {
     let first = env_u64("TANDEM_SIM_FIRST").unwrap_or(0);
     let count = env_u64("TANDEM_SIM_SEEDS").unwrap_or(DEFAULT_SEEDS);
     // Replaying must be exact: the same seed twice gives the same trace, event for event.
-    let a = Sim::run(first, true).trace.unwrap_or_default();
-    let b = Sim::run(first, true).trace.unwrap_or_default();
+    let twice = catch_unwind(|| {
+        let a = Sim::run(first, true).trace.unwrap_or_default();
+        let b = Sim::run(first, true).trace.unwrap_or_default();
+        (a, b)
+    });
+    let (a, b) = twice.unwrap_or_else(|panic| {
+        panic!(
+            "simulation seed {first} failed: {}\n\
+             replay it with: TANDEM_SEED={first} cargo test --test it sim",
+            panic_message(&panic)
+        )
+    });
     assert!(
         a == b,
         "seed {first} did not replay exactly (its two traces differ at line {})",
