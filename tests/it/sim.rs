@@ -133,7 +133,8 @@ fn replay(seed: u64) {
     let trace = Arc::new(Mutex::new(Vec::new()));
     let shared = trace.clone();
     let result = catch_unwind(AssertUnwindSafe(move || {
-        let mut sim = Sim::new(seed, true);
+        // The trace goes where the panic cannot take it away.
+        let mut sim = Sim::new(seed, false);
         sim.shared_trace = Some(shared);
         sim.play()
     }));
