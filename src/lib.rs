@@ -52,5 +52,5 @@ pub use crdt::{ConflictVersion, FieldConflict};
 pub use error::Error;
 pub use ids::{DeviceId, DocId};
 pub use repo::{
-    Applied, ConnState, Direction, DocStatus, Entity, Event, Origin, Repo, RepoOptions, Tx,
+    Applied, ConnState, Direction, DocStatus, Entity, Entropy, Event, Origin, Repo, RepoOptions, Tx,
 };

@@ -13,6 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::{CommitOptions, Transactable};
 use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ROOT};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
@@ -44,6 +46,8 @@ pub struct RepoOptions {
     pub compact_after_bytes: u64,
     /// How many documents stay loaded in memory when not in use.
     pub cache_docs: usize,
+    /// Where new document ids and change times come from.
+    pub entropy: Entropy,
 }
 
 impl RepoOptions {
@@ -55,12 +59,62 @@ impl RepoOptions {
             compact_after_changes: 1000,
             compact_after_bytes: 8 << 20,
             cache_docs: 256,
+            entropy: Entropy::system(),
         }
     }
 
     pub fn schema(mut self, schema: Schema) -> Self {
         self.schema = Some(schema);
         self
+    }
+}
+
+/// Where a repo gets the two inputs it does not compute from its store: new document ids and
+/// change times (wall-clock seconds, for display only, but part of a change's bytes and so of
+/// its hash). [`Entropy::system`], the default, asks the operating system; [`Entropy::seeded`]
+/// derives ids from a seed and stops the clock, so that a seeded simulation replays exactly
+/// (design invariant 6).
+#[derive(Clone, Default)]
+pub struct Entropy {
+    seeded: Option<Arc<Mutex<(StdRng, i64)>>>,
+}
+
+impl Entropy {
+    /// Random ids and the wall clock.
+    pub fn system() -> Entropy {
+        Entropy { seeded: None }
+    }
+
+    /// Ids drawn from a generator seeded with `seed`, and every change made at `time`
+    /// (seconds since the epoch). Two repos must not share a seed: their ids would collide.
+    pub fn seeded(seed: u64, time: i64) -> Entropy {
+        Entropy {
+            seeded: Some(Arc::new(Mutex::new((StdRng::seed_from_u64(seed), time)))),
+        }
+    }
+
+    fn doc_id(&self) -> DocId {
+        match &self.seeded {
+            Some(s) => DocId(lock(s).0.gen()),
+            None => DocId::random(),
+        }
+    }
+
+    fn now_secs(&self) -> i64 {
+        match &self.seeded {
+            Some(s) => lock(s).1,
+            None => now_secs(),
+        }
+    }
+}
+
+impl std::fmt::Debug for Entropy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.seeded.is_some() {
+            "Entropy::seeded"
+        } else {
+            "Entropy::system"
+        })
     }
 }
 
@@ -358,6 +412,13 @@ impl Repo {
     /// Create an entity in namespace `ns`.
     pub fn create_in(&self, ns: &str, ty: &str, fields: serde_json::Value) -> Result<DocId, Error> {
         check_name("namespace", ns)?;
+        if ns == crate::transport::ALL_NAMESPACES {
+            return Err(EntityError::InvalidValue {
+                field: "namespace".into(),
+                reason: format!("'{ns}' is reserved: in a relay's hello it means every namespace"),
+            }
+            .into());
+        }
         check_name("type", ty)?;
         let fields = match fields {
             serde_json::Value::Object(m) => m,
@@ -370,7 +431,7 @@ impl Repo {
                 .into())
             }
         };
-        let id = DocId::random();
+        let id = self.inner.opts.entropy.doc_id();
         let mut doc = Automerge::new().with_actor(self.inner.actor.clone());
         let schema = self.schema();
         let mut tx = doc.transaction();
@@ -382,7 +443,7 @@ impl Repo {
         .record_author(&self.inner.actor, self.author())?;
         tx.commit_with(
             CommitOptions::default()
-                .with_time(now_secs())
+                .with_time(self.inner.opts.entropy.now_secs())
                 .with_message(format!("create {ty}")),
         );
         let change = doc
@@ -588,7 +649,7 @@ impl Repo {
             }
             .record_author(&self.inner.actor, self.author())?;
         }
-        let mut opts = CommitOptions::default().with_time(now_secs());
+        let mut opts = CommitOptions::default().with_time(self.inner.opts.entropy.now_secs());
         if let Some(m) = message {
             opts = opts.with_message(m);
         }

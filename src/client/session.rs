@@ -34,8 +34,8 @@ use crate::repo::{Direction, Event, Repo};
 use crate::store::StoreError;
 use crate::transport::codec::MAX_FRAME_CEILING;
 use crate::transport::{
-    ClientMsg, ErrorCode, FeedCursor, FeedEntry, Limits, RelayMsg, DEFAULT_MAX_FRAME,
-    PROTOCOL_VERSION,
+    ClientMsg, ErrorCode, FeedCursor, FeedEntry, Limits, RelayMsg, ALL_NAMESPACES,
+    DEFAULT_MAX_FRAME, PROTOCOL_VERSION,
 };
 
 use super::SyncError;
@@ -145,8 +145,17 @@ pub struct SessionStats {
 /// What the relay's hello told us.
 struct RelayInfo {
     write: BTreeSet<String>,
+    /// The hello's `write` held `*`: every namespace is writable, even one the relay has not
+    /// seen yet.
+    write_all: bool,
     limits: Limits,
     max_frame: usize,
+}
+
+impl RelayInfo {
+    fn may_write(&self, ns: &str) -> bool {
+        self.write_all || self.write.contains(ns)
+    }
 }
 
 /// One namespace's catalog feed.
@@ -673,8 +682,13 @@ impl ClientSession {
                 message: format!("the token (subject '{subject}') grants no namespace"),
             });
         }
-        // Write implies read, whatever the relay listed.
-        let readable: BTreeSet<String> = read.into_iter().chain(write.iter().cloned()).collect();
+        // Write implies read, whatever the relay listed. `*` is not a namespace with a feed:
+        // the relay lists the ones it has next to it.
+        let readable: BTreeSet<String> = read
+            .into_iter()
+            .chain(write.iter().cloned())
+            .filter(|ns| ns != ALL_NAMESPACES)
+            .collect();
         let max_frame = limits.max_frame_bytes.min(MAX_FRAME_CEILING as u64) as usize;
         let same = match self.stored_relay {
             None => {
@@ -686,6 +700,7 @@ impl ClientSession {
             Some(old) => old == relay_id,
         };
         self.relay = Some(RelayInfo {
+            write_all: write.iter().any(|ns| ns == ALL_NAMESPACES),
             write: write.into_iter().collect(),
             limits,
             max_frame,
@@ -732,11 +747,6 @@ impl ClientSession {
     /// A new relay identity: every document cursor goes back to 0 and every document we may
     /// write is pushed whole (feed cursors are keyed by identity, so they start at 0 already).
     fn start_repush(&mut self, repo: &Repo, relay_id: [u8; 16]) -> Result<(), SyncError> {
-        let write = self
-            .relay
-            .as_ref()
-            .map(|r| r.write.clone())
-            .unwrap_or_default();
         let mut remaining = HashSet::new();
         for (doc, meta) in repo.list(None, true)? {
             if meta.quarantined.is_some() {
@@ -749,7 +759,11 @@ impl ClientSession {
                 }
             }
             // Documents of namespaces this token cannot write are left to a device that can.
-            if write.contains(&meta.namespace) {
+            if self
+                .relay
+                .as_ref()
+                .is_some_and(|r| r.may_write(&meta.namespace))
+            {
                 self.pushes.history_wanted.insert(doc);
                 remaining.insert(doc);
                 self.queue_push(doc);
@@ -1429,7 +1443,7 @@ impl ClientSession {
             return Ok(());
         };
         let ns = meta.namespace;
-        if !relay.write.contains(&ns) {
+        if !relay.may_write(&ns) {
             if meta.pending > 0 || self.pushes.history_wanted.contains(&doc) {
                 let message = format!(
                     "the token may not write namespace '{ns}'; {} local change(s) of {doc} stay pending",

@@ -170,9 +170,13 @@ fn decode_record(b: &[u8]) -> Result<DocRecord, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("document record: {e}")))
 }
 
-/// A namespace name the relay accepts: it is part of keys, so no NUL, and bounded.
+/// A namespace name the relay accepts: it is part of keys, so no NUL, and bounded; and not
+/// `*`, which in a hello stands for every namespace.
 pub fn valid_namespace(ns: &str) -> bool {
-    !ns.is_empty() && ns.len() <= 128 && !ns.chars().any(|c| c.is_control())
+    !ns.is_empty()
+        && ns.len() <= 128
+        && !ns.chars().any(|c| c.is_control())
+        && ns != crate::transport::ALL_NAMESPACES
 }
 
 impl RelayLog {
@@ -194,6 +198,16 @@ impl RelayLog {
 
     /// A relay log over an already opened backend.
     pub fn with_backend(backend: Box<dyn Backend>) -> Result<RelayLog, StoreError> {
+        RelayLog::with_backend_as(backend, rand::random())
+    }
+
+    /// Like [`with_backend`](Self::with_backend), but new storage gets the identity
+    /// `relay_id` instead of a random one (existing storage keeps its own). For simulations,
+    /// whose runs must derive everything from their seed.
+    pub fn with_backend_as(
+        backend: Box<dyn Backend>,
+        relay_id: [u8; 16],
+    ) -> Result<RelayLog, StoreError> {
         let mut batch = Batch::default();
         let relay_id = match backend.get(&meta_key("id"))? {
             Some(v) => v
@@ -201,9 +215,8 @@ impl RelayLog {
                 .try_into()
                 .map_err(|_| StoreError::Corrupt("relay id".into()))?,
             None => {
-                let id: [u8; 16] = rand::random();
-                batch.put(meta_key("id"), id.to_vec());
-                id
+                batch.put(meta_key("id"), relay_id.to_vec());
+                relay_id
             }
         };
         let feed_pos = match backend.get(&meta_key("feedpos"))? {

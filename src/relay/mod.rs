@@ -4,11 +4,15 @@
 //!
 //! - [`auth`]: JWT tokens and namespace scopes.
 //! - [`log`]: the durable state (logs, hash index, feeds, snapshots), socket-free.
+//! - [`session`]: the protocol logic of one connection ([`session::RelaySession`]) and the
+//!   subscriptions that decide fan-out ([`session::Hub`]), sans-IO: effects are data.
 //! - [`server`]: the tokio/axum shell: `/v1` WebSocket, `/healthz`, `/metrics`, connection
-//!   limits, fan-out, graceful shutdown.
+//!   limits, timeouts, graceful shutdown; it carries out the sessions' effects.
 
 pub mod auth;
 pub mod log;
 pub mod server;
+pub mod session;
 
 pub use server::{start, Auth, RelayConfig, RelayHandle};
+pub use session::{Effect, Hub, RelaySession};

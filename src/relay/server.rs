@@ -1,13 +1,16 @@
 //! The relay's network shell: an axum router with the tandem/1 WebSocket on `/v1` and plain
 //! HTTP `/healthz` and `/metrics` on the same port (tungstenite alone would refuse a request
 //! without upgrade headers, so HTTP is routed first). One task per connection reads frames in
-//! order and answers them; a writer task drains that connection's bounded outgoing queue.
-//! Storage calls run on the blocking pool: sled blocks.
+//! order and hands them to its [`RelaySession`] (the protocol logic, sans-IO, in `session.rs`)
+//! on the blocking pool, since the session calls the sled-backed log; it then carries out the
+//! session's effects: a writer task drains that connection's bounded outgoing queue, and
+//! fan-out goes through the [`Hub`] of subscriptions. What stays here is what needs a socket,
+//! a task or a clock: auth of the upgrade request, handshake and idle timeouts, the
+//! connection limit, metrics and graceful shutdown.
 //!
 //! Fan-out never waits on a slow reader: a connection whose queue is full is closed (its device
 //! catches up by cursor when it returns), never buffered without limit.
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,12 +27,11 @@ use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
-use super::auth::{self, Claims, Secret};
-use super::log::{valid_namespace, PushError, RelayLog};
+use super::auth::{self, Secret};
+use super::log::RelayLog;
+use super::session::{Effect, Hub, RelaySession, SessionConfig};
 use crate::ids::DocId;
-use crate::transport::{
-    codec, ClientMsg, ErrorCode, FeedCursor, Limits, RelayMsg, PROTOCOL_VERSION,
-};
+use crate::transport::{codec, ClientMsg, Limits, RelayMsg};
 
 /// How connections prove who they are.
 #[derive(Clone)]
@@ -97,34 +99,30 @@ struct NetStats {
     bytes_in: AtomicU64,
 }
 
+/// What the shell keeps per connection, in the hub.
 struct Conn {
     tx: mpsc::Sender<Bytes>,
-    claims: Option<Claims>,
-    /// `None`: every namespace the token can read (the default until `Subscribe`).
-    namespaces: Option<HashSet<String>>,
-    docs: HashSet<DocId>,
+    /// Told when the connection is too slow for fan-out and must close.
     close: Arc<Notify>,
-}
-
-impl Conn {
-    fn can_read(&self, ns: &str) -> bool {
-        self.claims.as_ref().is_none_or(|c| c.can_read(ns))
-    }
-
-    fn wants(&self, ns: &str, doc: &DocId) -> bool {
-        self.can_read(ns)
-            && (self.namespaces.as_ref().is_none_or(|n| n.contains(ns)) || self.docs.contains(doc))
-    }
 }
 
 struct Shared {
     cfg: RelayConfig,
     log: Arc<RelayLog>,
-    conns: Mutex<HashMap<u64, Conn>>,
-    next_conn: AtomicU64,
+    conns: Mutex<Hub<Conn>>,
     permits: Arc<Semaphore>,
     stats: NetStats,
     shutdown: watch::Receiver<bool>,
+}
+
+impl Shared {
+    fn session_cfg(&self) -> SessionConfig {
+        SessionConfig {
+            limits: self.cfg.limits.clone(),
+            page_bytes: self.cfg.page_bytes,
+            feed_page: self.cfg.feed_page,
+        }
+    }
 }
 
 /// A running relay.
@@ -165,8 +163,7 @@ pub async fn start(
         permits: Arc::new(Semaphore::new(cfg.max_connections)),
         cfg,
         log: log.clone(),
-        conns: Mutex::new(HashMap::new()),
-        next_conn: AtomicU64::new(1),
+        conns: Mutex::new(Hub::default()),
         stats: NetStats::default(),
         shutdown: shutdown.clone(),
     });
@@ -253,118 +250,54 @@ fn encode(shared: &Shared, msg: &RelayMsg) -> Option<Bytes> {
     }
 }
 
-fn error_msg(
-    code: ErrorCode,
-    message: impl Into<String>,
-    doc: Option<DocId>,
-    batch: Option<u64>,
-) -> RelayMsg {
-    RelayMsg::Error {
-        code,
-        message: message.into(),
-        doc,
-        batch,
-    }
-}
-
-/// Send one message on a socket we still own (before the writer task exists).
-async fn send_direct(socket: &mut WebSocket, shared: &Shared, msg: &RelayMsg) {
-    if let Some(b) = encode(shared, msg) {
-        let _ = socket.send(Message::Binary(b)).await;
-    }
-}
-
 async fn connection(
     mut socket: WebSocket,
     shared: Arc<Shared>,
     authorization: Option<String>,
     query: Option<String>,
 ) {
-    let limit = shared.cfg.limits.max_frame_bytes as usize;
     // Handshake: the first frame must be a hello, within the handshake timeout.
     let first = tokio::time::timeout(shared.cfg.handshake_timeout, socket.next()).await;
+    let limit = shared.cfg.limits.max_frame_bytes as usize;
     let hello = match first {
         Ok(Some(Ok(Message::Binary(b)))) => codec::decode::<ClientMsg>(&b, limit).ok(),
         _ => None,
     };
-    let Some(ClientMsg::Hello {
-        version,
-        device,
-        feeds,
-    }) = hello
-    else {
-        send_direct(
-            &mut socket,
-            &shared,
-            &error_msg(ErrorCode::BadFrame, "expected a hello first", None, None),
-        )
-        .await;
-        let _ = socket.close().await;
-        return;
-    };
-    if version != PROTOCOL_VERSION {
-        let m = format!("this relay speaks tandem/{PROTOCOL_VERSION}, not tandem/{version}");
-        send_direct(
-            &mut socket,
-            &shared,
-            &error_msg(ErrorCode::UnsupportedVersion, m, None, None),
-        )
-        .await;
-        let _ = socket.close().await;
-        return;
-    }
-    let claims = match &shared.cfg.auth {
-        Auth::InsecureNoAuth => None,
-        Auth::Jwt(secret) => match auth::authenticate(
+    let accepted = RelaySession::accept(shared.session_cfg(), hello, || match &shared.cfg.auth {
+        Auth::InsecureNoAuth => Ok(None),
+        Auth::Jwt(secret) => auth::authenticate(
             secret,
             authorization.as_deref(),
             query.as_deref(),
             SystemTime::now(),
-        ) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                send_direct(
-                    &mut socket,
-                    &shared,
-                    &error_msg(e.code(), e.to_string(), None, None),
-                )
-                .await;
-                let _ = socket.close().await;
-                return;
+        )
+        .map(Some),
+    });
+    let session = match accepted {
+        Ok(s) => s,
+        Err(effects) => {
+            // Refused: the effects are an error and a close, sent on the socket we still own.
+            for e in effects {
+                if let Effect::Send(msg) = e {
+                    if let Some(b) = encode(&shared, &msg) {
+                        let _ = socket.send(Message::Binary(b)).await;
+                    }
+                }
             }
-        },
-    };
-    let (read, write) = match &claims {
-        Some(c) => (c.readable(), c.write.clone()),
-        None => {
-            let log = shared.log.clone();
-            let mut all = tokio::task::spawn_blocking(move || log.namespaces().unwrap_or_default())
-                .await
-                .unwrap_or_default();
-            if !all.iter().any(|n| n == crate::repo::DEFAULT_NAMESPACE) {
-                all.push(crate::repo::DEFAULT_NAMESPACE.to_string());
-            }
-            (all.clone(), all)
+            let _ = socket.close().await;
+            return;
         }
     };
-    let subject = claims
-        .as_ref()
-        .map(|c| c.sub.clone())
-        .unwrap_or_else(|| "anonymous".into());
-    tracing::debug!(device = %hex::encode(device), %subject, "connection");
+    tracing::debug!(device = %hex::encode(session.device()), "connection");
 
     let (tx, mut rx) = mpsc::channel::<Bytes>(shared.cfg.outgoing_queue);
     let close = Arc::new(Notify::new());
-    let id = shared.next_conn.fetch_add(1, Ordering::Relaxed);
-    // Register before building the feed pages: a change landing during catch-up is then in a
-    // page, delivered live, or both; never neither.
-    lock(&shared.conns).insert(
-        id,
+    // Register before building the feed pages (`greet`): a change landing during catch-up is
+    // then in a page, delivered live, or both; never neither.
+    let id = lock(&shared.conns).join(
+        session.claims().cloned(),
         Conn {
             tx: tx.clone(),
-            claims: claims.clone(),
-            namespaces: None,
-            docs: HashSet::new(),
             close: close.clone(),
         },
     );
@@ -377,27 +310,13 @@ async fn connection(
         }
         let _ = sink.close().await;
     });
-    let mut session = Session {
+    let mut conn = Connection {
         shared: shared.clone(),
         id,
         tx,
-        claims,
+        session: Some(session),
     };
-    let hello = RelayMsg::Hello {
-        version: PROTOCOL_VERSION,
-        relay_id: shared.log.relay_id(),
-        subject,
-        read,
-        write,
-        limits: shared.cfg.limits.clone(),
-    };
-    let mut ok = session.send(&hello).await;
-    for FeedCursor { namespace, cursor } in feeds {
-        if !ok {
-            break;
-        }
-        ok = session.feed(namespace, cursor).await;
-    }
+    let mut ok = conn.step(|s, log| s.greet(log)).await;
     let mut shutdown = shared.shutdown.clone();
     while ok {
         tokio::select! {
@@ -406,17 +325,10 @@ async fn connection(
                     Ok(Some(Ok(Message::Binary(b)))) => {
                         shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                         shared.stats.bytes_in.fetch_add(b.len() as u64, Ordering::Relaxed);
-                        ok = match codec::decode::<ClientMsg>(&b, limit) {
-                            Ok(msg) => session.handle(msg).await,
-                            Err(e) => {
-                                session.send(&error_msg(ErrorCode::BadFrame, e.to_string(), None, None)).await;
-                                false
-                            }
-                        };
+                        ok = conn.step(move |s, log| s.handle_frame(log, &b)).await;
                     }
                     Ok(Some(Ok(Message::Text(_)))) => {
-                        session.send(&error_msg(ErrorCode::BadFrame, "text frames are not part of tandem/1", None, None)).await;
-                        ok = false;
+                        ok = conn.step(|s, _| s.handle_text_frame()).await;
                     }
                     Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
                     // Closed, broken, or idle past the timeout.
@@ -430,296 +342,93 @@ async fn connection(
             _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => ok = false,
         }
     }
-    lock(&shared.conns).remove(&id);
-    drop(session);
+    lock(&shared.conns).leave(id);
+    drop(conn);
     // The writer ends once every sender is gone (ours, and the registry's).
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
-struct Session {
+/// One connection's shell: its [`RelaySession`], its id in the hub, its outgoing queue.
+struct Connection {
     shared: Arc<Shared>,
     id: u64,
     tx: mpsc::Sender<Bytes>,
-    claims: Option<Claims>,
+    /// Moved onto the blocking pool for each step and back; `None` only if a step panicked.
+    session: Option<RelaySession>,
 }
 
-impl Session {
-    fn can_read(&self, ns: &str) -> bool {
-        self.claims.as_ref().is_none_or(|c| c.can_read(ns))
-    }
-
-    fn can_write(&self, ns: &str) -> bool {
-        self.claims.as_ref().is_none_or(|c| c.can_write(ns))
-    }
-
-    /// Queue a frame for this connection (waits while its queue is full: backpressure on our
-    /// own reader is fine; fan-out from others never waits).
-    async fn send(&self, msg: &RelayMsg) -> bool {
-        match encode(&self.shared, msg) {
-            Some(b) => self.tx.send(b).await.is_ok(),
-            None => true,
-        }
-    }
-
-    async fn blocking<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&RelayLog) -> T + Send + 'static,
-    ) -> Option<T> {
+impl Connection {
+    /// Run one session call on the blocking pool (the relay log blocks on sled), then carry
+    /// out its effects. `false` ends the connection.
+    async fn step(
+        &mut self,
+        f: impl FnOnce(&mut RelaySession, &RelayLog) -> Vec<Effect> + Send + 'static,
+    ) -> bool {
+        let Some(mut session) = self.session.take() else {
+            return false;
+        };
         let log = self.shared.log.clone();
-        tokio::task::spawn_blocking(move || f(&log)).await.ok()
-    }
-
-    async fn feed(&self, namespace: String, after: u64) -> bool {
-        if !self.can_read(&namespace) {
-            let m = format!("this token cannot read namespace '{namespace}'");
-            return self
-                .send(&error_msg(ErrorCode::Forbidden, m, None, None))
-                .await;
-        }
-        let limit = self.shared.cfg.feed_page;
-        let ns = namespace.clone();
-        match self.blocking(move |log| log.feed(&ns, after, limit)).await {
-            Some(Ok((entries, next_cursor, more))) => {
-                self.send(&RelayMsg::Feed {
-                    namespace,
-                    entries,
-                    next_cursor,
-                    more,
-                })
-                .await
+        let done = tokio::task::spawn_blocking(move || {
+            let effects = f(&mut session, &log);
+            (session, effects)
+        })
+        .await;
+        match done {
+            Ok((session, effects)) => {
+                self.session = Some(session);
+                self.carry_out(effects).await
             }
-            _ => {
-                self.send(&error_msg(
-                    ErrorCode::Internal,
-                    "could not read the feed",
-                    None,
-                    None,
-                ))
-                .await
-            }
-        }
-    }
-
-    /// Handle one message; `false` ends the connection.
-    async fn handle(&mut self, msg: ClientMsg) -> bool {
-        match msg {
-            ClientMsg::Hello { .. } => {
-                self.send(&error_msg(
-                    ErrorCode::BadFrame,
-                    "a second hello",
-                    None,
-                    None,
-                ))
-                .await;
+            Err(e) => {
+                tracing::error!(error = %e, "a relay session step failed; closing the connection");
                 false
             }
-            ClientMsg::Ping { nonce } => self.send(&RelayMsg::Pong { nonce }).await,
-            ClientMsg::Pong { .. } => true,
-            ClientMsg::FeedMore { namespace, after } => self.feed(namespace, after).await,
-            ClientMsg::Subscribe { namespaces, docs } => self.subscribe(namespaces, docs).await,
-            ClientMsg::Pull {
-                doc,
-                after,
-                max_bytes,
-            } => self.pull(doc, after, max_bytes).await,
-            ClientMsg::Push {
-                namespace,
-                doc,
-                batch,
-                changes,
-            } => self.push(namespace, doc, batch, changes).await,
         }
     }
 
-    async fn subscribe(&self, namespaces: Vec<String>, docs: Vec<DocId>) -> bool {
-        let max = self.shared.cfg.limits.max_docs_per_connection as usize;
-        if docs.len() > max {
-            let m = format!(
-                "{} documents is more than the {max} a connection may subscribe to",
-                docs.len()
-            );
-            return self
-                .send(&error_msg(ErrorCode::TooLarge, m, None, None))
-                .await;
-        }
-        let (ok, refused): (Vec<String>, Vec<String>) =
-            namespaces.into_iter().partition(|n| self.can_read(n));
-        if let Some(c) = lock(&self.shared.conns).get_mut(&self.id) {
-            c.namespaces = Some(ok.into_iter().collect());
-            c.docs = docs.into_iter().collect();
-        }
-        for ns in refused {
-            let m = format!("this token cannot read namespace '{ns}'");
-            if !self
-                .send(&error_msg(ErrorCode::Forbidden, m, None, None))
-                .await
-            {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn pull(&self, doc: DocId, after: u64, max_bytes: u64) -> bool {
-        let page_bytes = match max_bytes {
-            0 => self.shared.cfg.page_bytes,
-            n => n.min(self.shared.cfg.page_bytes),
-        };
-        let page = match self
-            .blocking(move |log| log.pull(&doc, after, page_bytes))
-            .await
-        {
-            Some(Ok(p)) => p,
-            _ => {
-                return self
-                    .send(&error_msg(
-                        ErrorCode::Internal,
-                        "could not read the log",
-                        Some(doc),
-                        None,
-                    ))
-                    .await
-            }
-        };
-        if !page.namespace.is_empty() && !self.can_read(&page.namespace) {
-            let m = format!("this token cannot read namespace '{}'", page.namespace);
-            return self
-                .send(&error_msg(ErrorCode::Forbidden, m, Some(doc), None))
-                .await;
-        }
-        if let Some((upto, bytes)) = &page.snapshot {
-            // Chunks well under the frame limit, leaving room for the message around them.
-            let size = (self.shared.cfg.limits.max_frame_bytes as usize / 2).max(1024);
-            let chunks: Vec<&[u8]> = bytes.chunks(size).collect();
-            let n = chunks.len().max(1) as u32;
-            for (i, c) in chunks.iter().enumerate() {
-                let m = RelayMsg::Snapshot {
-                    doc,
-                    namespace: page.namespace.clone(),
-                    upto: *upto,
-                    chunk: i as u32,
-                    chunks: n,
-                    bytes: c.to_vec(),
-                };
-                if !self.send(&m).await {
-                    return false;
-                }
-            }
-        }
-        self.send(&RelayMsg::Changes {
-            doc,
-            namespace: page.namespace,
-            from: page.from,
-            to: page.to,
-            changes: page.changes,
-            more: page.more,
-            remaining_bytes: page.remaining_bytes,
-        })
-        .await
-    }
-
-    async fn push(&self, namespace: String, doc: DocId, batch: u64, changes: Vec<Vec<u8>>) -> bool {
-        let err = |code, m: String| error_msg(code, m, Some(doc), Some(batch));
-        if !valid_namespace(&namespace) {
-            return self
-                .send(&err(
-                    ErrorCode::BadFrame,
-                    format!("'{namespace}' is not a valid namespace"),
-                ))
-                .await;
-        }
-        if !self.can_write(&namespace) {
-            return self
-                .send(&err(
-                    ErrorCode::Forbidden,
-                    format!("this token cannot write namespace '{namespace}'"),
-                ))
-                .await;
-        }
-        let limits = &self.shared.cfg.limits;
-        if changes.len() > limits.max_changes_per_push as usize {
-            let m = format!(
-                "{} changes is more than the {} a push may carry",
-                changes.len(),
-                limits.max_changes_per_push
-            );
-            return self.send(&err(ErrorCode::TooLarge, m)).await;
-        }
-        if let Some(big) = changes
-            .iter()
-            .find(|c| c.len() as u64 > limits.max_change_bytes)
-        {
-            let m = format!(
-                "a change of {} bytes is over the {}-byte limit",
-                big.len(),
-                limits.max_change_bytes
-            );
-            return self.send(&err(ErrorCode::TooLarge, m)).await;
-        }
-        let ns = namespace.clone();
-        let result = self
-            .blocking(move |log| log.push(&ns, &doc, &changes))
-            .await;
-        let pushed = match result {
-            Some(Ok(p)) => p,
-            Some(Err(PushError::NeedHistory { .. })) => {
-                return self.send(&RelayMsg::NeedHistory { doc, batch }).await
-            }
-            Some(Err(e)) => {
-                let code = match &e {
-                    PushError::BadChange { .. } => ErrorCode::BadChange,
-                    PushError::HashMismatch { .. } => ErrorCode::HashMismatch,
-                    PushError::WrongNamespace(_) => ErrorCode::WrongNamespace,
-                    _ => ErrorCode::Internal,
-                };
-                return self.send(&err(code, e.to_string())).await;
-            }
-            None => {
-                return self
-                    .send(&err(ErrorCode::Internal, "the push failed".into()))
-                    .await
-            }
-        };
-        // Durable: acknowledge, then fan out.
-        let ok = self
-            .send(&RelayMsg::Ack {
-                doc,
-                batch,
-                seqs: pushed.seqs,
-            })
-            .await;
-        if !pushed.new_changes.is_empty() {
-            let to = pushed.new_from + pushed.new_changes.len() as u64 - 1;
-            let live = RelayMsg::Changes {
-                doc,
-                namespace: namespace.clone(),
-                from: pushed.new_from,
-                to,
-                changes: pushed.new_changes,
-                more: false,
-                remaining_bytes: 0,
-            };
-            if let Some(frame) = encode(&self.shared, &live) {
-                self.fan_out(&namespace, &doc, frame);
-            }
-            if self.shared.log.wants_compaction(&doc) {
-                let log = self.shared.log.clone();
-                tokio::task::spawn_blocking(move || {
-                    if let Err(e) = log.compact(&doc) {
-                        tracing::error!(%doc, error = %e, "compaction failed");
+    /// Carry out effects in order. Sends queue on this connection's writer (waiting while its
+    /// queue is full: backpressure on our own reader is fine); fan-out never waits.
+    async fn carry_out(&self, effects: Vec<Effect>) -> bool {
+        let mut alive = true;
+        for effect in effects {
+            match effect {
+                Effect::Send(msg) => {
+                    if alive {
+                        if let Some(b) = encode(&self.shared, &msg) {
+                            alive = self.tx.send(b).await.is_ok();
+                        }
                     }
-                });
+                }
+                Effect::Subscribe { namespaces, docs } => {
+                    lock(&self.shared.conns).subscribe(self.id, namespaces, docs);
+                }
+                // Even when this connection just died: the changes are durable and the other
+                // connections are owed them.
+                Effect::FanOut {
+                    namespace,
+                    doc,
+                    changes,
+                } => {
+                    if let Some(frame) = encode(&self.shared, &changes) {
+                        self.fan_out(&namespace, &doc, frame);
+                    }
+                }
+                Effect::Compact(doc) => {
+                    let log = self.shared.log.clone();
+                    tokio::task::spawn_blocking(move || {
+                        if let Err(e) = log.compact(&doc) {
+                            tracing::error!(%doc, error = %e, "compaction failed");
+                        }
+                    });
+                }
+                Effect::Close => return false,
             }
         }
-        ok
+        alive
     }
 
     fn fan_out(&self, ns: &str, doc: &DocId, frame: Bytes) {
         let conns = lock(&self.shared.conns);
-        for (id, c) in conns.iter() {
-            if *id == self.id || !c.wants(ns, doc) {
-                continue;
-            }
+        for (_, c) in conns.recipients(ns, doc, self.id) {
             match c.tx.try_send(frame.clone()) {
                 Ok(()) => {
                     self.shared

@@ -26,6 +26,11 @@ impl Batch {
     pub fn is_empty(&self) -> bool {
         self.ops.is_empty()
     }
+    /// The writes in order, each a put (`Some`) or a removal (`None`): what a [`Backend`]
+    /// written outside this module applies (the simulation's crashable disk, for one).
+    pub fn into_ops(self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        self.ops
+    }
 }
 
 /// Key-value pairs in key order.

@@ -232,7 +232,7 @@ impl Store {
     pub fn open(path: impl AsRef<Path>, opts: StoreOptions) -> Result<Store, StoreError> {
         let path = path.as_ref().to_path_buf();
         let backend = SledBackend::open(&path, &opts)?;
-        let store = Store::with_backend(Box::new(backend), Some(path))?;
+        let store = Store::with_backend(Box::new(backend), Some(path), None)?;
         Ok(store)
     }
 
@@ -241,15 +241,31 @@ impl Store {
         backend: Box<dyn Backend>,
         path: Option<PathBuf>,
     ) -> Result<Store, StoreError> {
-        Store::with_backend(backend, path)
+        Store::with_backend(backend, path, None)
+    }
+
+    /// Like [`from_backend`](Self::from_backend), but a new store gets the identity `device`
+    /// instead of a random one (an existing store keeps its own). For simulations, whose runs
+    /// must derive everything from their seed: the device id is also the Automerge actor, and
+    /// actors decide ties.
+    pub fn from_backend_as(
+        backend: Box<dyn Backend>,
+        path: Option<PathBuf>,
+        device: DeviceId,
+    ) -> Result<Store, StoreError> {
+        Store::with_backend(backend, path, Some(device))
     }
 
     /// A store that lives in memory only (tests, simulations, ephemeral tools).
     pub fn in_memory() -> Store {
-        Store::with_backend(Box::new(MemoryBackend::default()), None).expect("memory store")
+        Store::with_backend(Box::new(MemoryBackend::default()), None, None).expect("memory store")
     }
 
-    fn with_backend(backend: Box<dyn Backend>, path: Option<PathBuf>) -> Result<Store, StoreError> {
+    fn with_backend(
+        backend: Box<dyn Backend>,
+        path: Option<PathBuf>,
+        new_device: Option<DeviceId>,
+    ) -> Result<Store, StoreError> {
         let format = backend.get(&sync_key("format"))?;
         let mut batch = Batch::default();
         match format {
@@ -272,7 +288,7 @@ impl Store {
                     .map_err(|_| StoreError::Corrupt("device id".into()))?,
             ),
             None => {
-                let d = DeviceId::random();
+                let d = new_device.unwrap_or_else(DeviceId::random);
                 batch.put(sync_key("device"), d.0.to_vec());
                 d
             }

@@ -16,6 +16,10 @@ use crate::ids::DocId;
 /// The protocol version this build speaks, sent in both hellos.
 pub const PROTOCOL_VERSION: u32 = 1;
 
+/// In the `read` or `write` list of a relay's hello: every namespace, including ones nobody
+/// has used yet (a relay without auth says this). Never a namespace's name.
+pub const ALL_NAMESPACES: &str = "*";
+
 /// A client's position in one namespace's catalog feed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FeedCursor {
@@ -93,7 +97,9 @@ pub enum RelayMsg {
         /// Made when the relay's storage is created; a new value means its data was wiped.
         relay_id: [u8; 16],
         subject: String,
+        /// Namespaces the token may read ([`ALL_NAMESPACES`] stands for all of them).
         read: Vec<String>,
+        /// Namespaces the token may write ([`ALL_NAMESPACES`] stands for all of them).
         write: Vec<String>,
         limits: Limits,
     },

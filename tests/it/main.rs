@@ -9,6 +9,7 @@ mod props;
 mod quickstart;
 mod relay;
 mod relay_crash;
+mod sim;
 mod support;
 mod sync;
 mod wire;
