@@ -40,6 +40,8 @@
 pub mod client;
 pub mod crdt;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod ids;
 pub mod relay;
 pub mod repo;

@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod crash;
+mod fuzz_corpus;
 mod local;
 mod migration;
 mod props;
