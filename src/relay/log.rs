@@ -32,8 +32,8 @@ use serde::{Deserialize, Serialize};
 use crate::crdt::parse_change;
 use crate::ids::DocId;
 use crate::store::{
-    be_u64, key, put_chunks, Backend, Batch, GroupCommit, MemoryBackend, SledBackend, StoreError,
-    StoreOptions, CHUNK,
+    be_u64, key, put_chunks, read_value, read_values, Backend, Batch, GroupCommit, MemoryBackend,
+    SledBackend, StoreError, StoreOptions, CHUNK,
 };
 use crate::transport::FeedEntry;
 
@@ -475,17 +475,7 @@ impl RelayLog {
         let mut snapshot = None;
         let mut after = after.min(rec.head);
         if after < rec.compacted_upto {
-            let chunks =
-                self.backend
-                    .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?;
-            if chunks.len() != rec.snapshot_chunks as usize {
-                return Err(StoreError::Corrupt(format!(
-                    "snapshot of {doc} has {} of its {} chunks",
-                    chunks.len(),
-                    rec.snapshot_chunks
-                )));
-            }
-            let bytes: Vec<u8> = chunks.into_iter().flat_map(|(_, v)| v).collect();
+            let bytes = self.snapshot(doc, &rec)?;
             snapshot = Some((rec.compacted_upto, bytes));
             after = rec.compacted_upto;
         }
@@ -494,11 +484,12 @@ impl RelayLog {
         let mut bytes = 0u64;
         let mut seq = from;
         while seq <= rec.head {
-            let entries = self.backend.scan(&key(T_LOG, doc, &[&seq.to_be_bytes()]))?;
-            if entries.is_empty() {
-                return Err(StoreError::Corrupt(format!("log of {doc} lacks seq {seq}")));
-            }
-            let change: Vec<u8> = entries.into_iter().flat_map(|(_, v)| v).collect();
+            let change = read_value(
+                &*self.backend,
+                &key(T_LOG, doc, &[&seq.to_be_bytes()]),
+                None,
+            )?
+            .ok_or_else(|| StoreError::Corrupt(format!("log of {doc} lacks seq {seq}")))?;
             if !changes.is_empty() && bytes + change.len() as u64 > max_bytes {
                 break;
             }
@@ -576,6 +567,14 @@ impl RelayLog {
         self.pull(doc, 0, u64::MAX)
     }
 
+    /// The snapshot `rec` points at, all its chunks or an error.
+    fn snapshot(&self, doc: &DocId, rec: &DocRecord) -> Result<Vec<u8>, StoreError> {
+        let prefix = key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]);
+        read_value(&*self.backend, &prefix, Some(rec.snapshot_chunks))
+            .map_err(|e| StoreError::Corrupt(format!("snapshot of {doc}: {e}")))?
+            .ok_or_else(|| StoreError::Corrupt(format!("snapshot of {doc} is missing")))
+    }
+
     /// Whether `doc`'s log is long enough to compact.
     pub fn wants_compaction(&self, doc: &DocId) -> bool {
         match self.record(doc) {
@@ -621,36 +620,15 @@ impl RelayLog {
         }
         let mut am = Automerge::new();
         if rec.compacted_upto > 0 {
-            let bytes: Vec<u8> = self
-                .backend
-                .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?
-                .into_iter()
-                .flat_map(|(_, v)| v)
-                .collect();
+            let bytes = self.snapshot(doc, &rec)?;
             am = Automerge::load(&bytes)
                 .map_err(|e| StoreError::Corrupt(format!("snapshot of {doc}: {e}")))?;
         }
         let mut changes = Vec::new();
-        let mut current: Option<(u64, Vec<u8>)> = None;
-        for (k, v) in self.backend.scan(&key(T_LOG, doc, &[]))? {
-            let seq = be_u64(&k[17..]).ok_or_else(|| StoreError::Corrupt("log key".into()))?;
+        for (seq, bytes) in read_values(&*self.backend, &key(T_LOG, doc, &[]))? {
             if seq > upto {
                 break;
             }
-            match &mut current {
-                Some((s, bytes)) if *s == seq => bytes.extend_from_slice(&v),
-                _ => {
-                    if let Some((_, bytes)) = current.take() {
-                        changes.push(
-                            Change::from_bytes(bytes)
-                                .map_err(|e| StoreError::Corrupt(e.to_string()))?,
-                        );
-                    }
-                    current = Some((seq, v));
-                }
-            }
-        }
-        if let Some((_, bytes)) = current {
             changes
                 .push(Change::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }

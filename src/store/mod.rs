@@ -203,6 +203,47 @@ fn decode_meta(bytes: &[u8]) -> Result<DocMeta, StoreError> {
         .map_err(|e| StoreError::Corrupt(format!("document metadata: {e}")))
 }
 
+/// A value stored in chunks under `prefix`, put back together; `None` when no chunk is there.
+/// With `expected`, a different number of chunks is corruption (a torn or damaged write).
+pub(crate) fn read_value(
+    backend: &dyn Backend,
+    prefix: &[u8],
+    expected: Option<u32>,
+) -> Result<Option<Vec<u8>>, StoreError> {
+    let chunks = backend.scan(prefix)?;
+    if let Some(n) = expected {
+        if chunks.len() != n as usize {
+            return Err(StoreError::Corrupt(format!(
+                "a value has {} of its {n} chunks",
+                chunks.len()
+            )));
+        }
+    }
+    if chunks.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(chunks.into_iter().flat_map(|(_, v)| v).collect()))
+}
+
+/// Chunked values keyed by a big-endian u64 right after `prefix`: (number, bytes) in order.
+pub(crate) fn read_values(
+    backend: &dyn Backend,
+    prefix: &[u8],
+) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
+    let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
+    for (k, v) in backend.scan(prefix)? {
+        let n = k
+            .get(prefix.len()..)
+            .and_then(be_u64)
+            .ok_or_else(|| StoreError::Corrupt("a chunk key".into()))?;
+        match out.last_mut() {
+            Some((s, bytes)) if *s == n => bytes.extend_from_slice(&v),
+            _ => out.push((n, v)),
+        }
+    }
+    Ok(out)
+}
+
 /// Split `bytes` into ≤ 4 KiB chunks, keyed by `prefix` + chunk index.
 pub(crate) fn put_chunks(
     batch: &mut Batch,
@@ -361,15 +402,8 @@ impl Store {
         }
         let snapshot = if meta.snapshot_gen > 0 {
             let prefix = key(T_SNAPSHOT, doc, &[&meta.snapshot_gen.to_be_bytes()]);
-            let chunks = self.backend.scan(&prefix)?;
-            if chunks.len() != meta.snapshot_chunks as usize {
-                return Err(StoreError::Corrupt(format!(
-                    "snapshot of {doc} has {} of its {} chunks",
-                    chunks.len(),
-                    meta.snapshot_chunks
-                )));
-            }
-            Some(chunks.into_iter().flat_map(|(_, v)| v).collect())
+            read_value(&*self.backend, &prefix, Some(meta.snapshot_chunks))
+                .map_err(|e| StoreError::Corrupt(format!("snapshot of {doc}: {e}")))?
         } else {
             None
         };
@@ -382,15 +416,7 @@ impl Store {
 
     /// The journal entries of a document: (seq, change bytes), in seq order.
     fn journal(&self, doc: &DocId) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        let mut out: Vec<(u64, Vec<u8>)> = Vec::new();
-        for (k, v) in self.backend.scan(&key(T_CHANGE, doc, &[]))? {
-            let seq = be_u64(&k[17..]).ok_or_else(|| StoreError::Corrupt("journal key".into()))?;
-            match out.last_mut() {
-                Some((s, bytes)) if *s == seq => bytes.extend_from_slice(&v),
-                _ => out.push((seq, v)),
-            }
-        }
-        Ok(out)
+        read_values(&*self.backend, &key(T_CHANGE, doc, &[]))
     }
 
     /// Append changes to a document's journal and make them durable before returning. Local
@@ -466,15 +492,15 @@ impl Store {
             .collect();
         let mut out = Vec::with_capacity(pending.len());
         for seq in pending {
-            let chunks = self
-                .backend
-                .scan(&key(T_CHANGE, doc, &[&seq.to_be_bytes()]))?;
-            if chunks.is_empty() {
-                return Err(StoreError::Corrupt(format!(
-                    "outbox entry {seq} of {doc} has no journal entry"
-                )));
-            }
-            out.push((seq, chunks.into_iter().flat_map(|(_, v)| v).collect()));
+            let change = read_value(
+                &*self.backend,
+                &key(T_CHANGE, doc, &[&seq.to_be_bytes()]),
+                None,
+            )?
+            .ok_or_else(|| {
+                StoreError::Corrupt(format!("outbox entry {seq} of {doc} has no journal entry"))
+            })?;
+            out.push((seq, change));
         }
         Ok(out)
     }
