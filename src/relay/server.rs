@@ -225,7 +225,9 @@ async fn upgrade(
     let max = shared.cfg.limits.max_frame_bytes as usize;
     ws.read_buffer_size(4096)
         .write_buffer_size(0)
-        .max_write_buffer_size(max * 2)
+        // One frame in flight at most: what a slow reader cannot take waits in the bounded
+        // outgoing queue (and closes the connection when that fills), not in a socket buffer.
+        .max_write_buffer_size(max + (64 << 10))
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| async move {

@@ -4,6 +4,7 @@ mod bad_input;
 mod cli;
 mod crash;
 mod fuzz_corpus;
+mod hostile;
 mod local;
 mod migration;
 mod props;
