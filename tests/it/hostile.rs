@@ -263,6 +263,25 @@ async fn hostile_inputs_get_typed_errors_and_leave_the_relay_healthy() {
         Some(ErrorCode::HashMismatch)
     );
     healthy!(check("reused actor seq"));
+    // 18b. A deeply nested change (500 maps inside each other): stored like any other.
+    let mut nested = automerge::AutoCommit::new();
+    let mut obj = automerge::ROOT;
+    for _ in 0..500 {
+        obj = automerge::transaction::Transactable::put_object(
+            &mut nested,
+            &obj,
+            "n",
+            automerge::ObjType::Map,
+        )
+        .unwrap();
+    }
+    nested.commit();
+    let deep = nested.get_changes(&[])[0].raw_bytes().to_vec();
+    assert!(matches!(
+        r.push("notes", DocId::random(), 9, vec![deep]).await,
+        RelayMsg::Ack { .. }
+    ));
+    healthy!(check("deeply nested change"));
     // 19. Writing outside the token's namespaces.
     assert_eq!(
         code(Some(r.push("default", doc, 8, cs.clone()).await)),
