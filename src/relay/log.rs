@@ -304,6 +304,20 @@ impl RelayLog {
         doc: &DocId,
         changes: &[Vec<u8>],
     ) -> Result<Pushed, PushError> {
+        let pushed = self.append(namespace, doc, changes)?;
+        self.durable()?;
+        Ok(pushed)
+    }
+
+    /// Validate and apply a push *without* waiting for the flush, so that one connection can
+    /// have several pushes in flight and share flushes with them. Nothing of it may be
+    /// acknowledged or fanned out before [`RelayLog::durable`] has returned.
+    pub fn append(
+        &self,
+        namespace: &str,
+        doc: &DocId,
+        changes: &[Vec<u8>],
+    ) -> Result<Pushed, PushError> {
         self.stats.pushes.fetch_add(1, Ordering::Relaxed);
         let r = self.push_inner(namespace, doc, changes);
         if r.is_err() {
@@ -436,9 +450,8 @@ impl RelayLog {
                 .fetch_add(new_changes.len() as u64, Ordering::Relaxed);
         }
         drop(guard);
-        // Duplicates too: the change they duplicate may have been applied by a push whose
-        // flush has not finished yet. Nothing is acknowledged before it is durable.
-        self.durable()?;
+        // The caller waits for durability before acknowledging anything, duplicates too: the
+        // change they duplicate may belong to a push whose flush has not finished yet.
         Ok(Pushed {
             seqs,
             new_from,

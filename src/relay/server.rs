@@ -312,16 +312,37 @@ async fn connection(
         }
         let _ = sink.close().await;
     });
+    // Effects are carried out in order by their own task, so that the reader can go on with the
+    // next request while a push waits for its flush: pushes in flight share flushes, and the
+    // answers still leave in request order.
+    let (dispatch, mut effects_rx) = mpsc::channel::<Vec<Effect>>(DISPATCH_QUEUE);
+    let ended = Arc::new(Notify::new());
+    let dispatcher = {
+        let out = Outbound {
+            shared: shared.clone(),
+            id,
+            tx,
+        };
+        let ended = ended.clone();
+        tokio::spawn(async move {
+            while let Some(effects) = effects_rx.recv().await {
+                if !out.carry_out(effects).await {
+                    break;
+                }
+            }
+            ended.notify_one();
+        })
+    };
     let mut conn = Connection {
         shared: shared.clone(),
-        id,
-        tx,
+        dispatch,
         session: Some(session),
     };
     let mut ok = conn.step(|s, log| s.greet(log)).await;
     let mut shutdown = shared.shutdown.clone();
     while ok {
         tokio::select! {
+            _ = ended.notified() => ok = false,
             frame = tokio::time::timeout(shared.cfg.idle_timeout, stream.next()) => {
                 match frame {
                     Ok(Some(Ok(Message::Binary(b)))) => {
@@ -345,18 +366,29 @@ async fn connection(
         }
     }
     lock(&shared.conns).leave(id);
+    // Accepted pushes still get their acks (and their fan-out) once durable.
     drop(conn);
-    // The writer ends once every sender is gone (ours, and the registry's).
+    let _ = tokio::time::timeout(Duration::from_secs(10), dispatcher).await;
+    // The writer ends once every sender is gone (the dispatcher's, and the registry's).
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
 
-/// One connection's shell: its [`RelaySession`], its id in the hub, its outgoing queue.
+/// Effect batches a connection may have waiting for the dispatcher (pushes in flight).
+const DISPATCH_QUEUE: usize = 64;
+
+/// One connection's shell: its [`RelaySession`] and the queue to its effect dispatcher.
 struct Connection {
+    shared: Arc<Shared>,
+    dispatch: mpsc::Sender<Vec<Effect>>,
+    /// Moved onto the blocking pool for each step and back; `None` only if a step panicked.
+    session: Option<RelaySession>,
+}
+
+/// What carries out a connection's effects: its id in the hub and its outgoing queue.
+struct Outbound {
     shared: Arc<Shared>,
     id: u64,
     tx: mpsc::Sender<Bytes>,
-    /// Moved onto the blocking pool for each step and back; `None` only if a step panicked.
-    session: Option<RelaySession>,
 }
 
 impl Connection {
@@ -378,7 +410,8 @@ impl Connection {
         match done {
             Ok((session, effects)) => {
                 self.session = Some(session);
-                self.carry_out(effects).await
+                // Waits while the dispatcher is this many batches behind: backpressure.
+                self.dispatch.send(effects).await.is_ok()
             }
             Err(e) => {
                 tracing::error!(error = %e, "a relay session step failed; closing the connection");
@@ -386,7 +419,9 @@ impl Connection {
             }
         }
     }
+}
 
+impl Outbound {
     /// Carry out effects in order. Sends queue on this connection's writer (waiting while its
     /// queue is full: backpressure on our own reader is fine); fan-out never waits.
     async fn carry_out(&self, effects: Vec<Effect>) -> bool {
@@ -421,6 +456,19 @@ impl Connection {
                             tracing::error!(%doc, error = %e, "compaction failed");
                         }
                     });
+                }
+                Effect::AwaitDurable => {
+                    let log = self.shared.log.clone();
+                    match tokio::task::spawn_blocking(move || log.durable()).await {
+                        Ok(Ok(())) => {}
+                        failed => {
+                            tracing::error!(
+                                ?failed,
+                                "the relay log could not be made durable; closing the connection"
+                            );
+                            return false;
+                        }
+                    }
                 }
                 Effect::Close => return false,
             }

@@ -55,6 +55,10 @@ pub enum Effect {
     /// `doc`'s log is long enough to fold into a snapshot: run [`RelayLog::compact`] off this
     /// connection's path (it loads the document, which is slow).
     Compact(DocId),
+    /// Everything after this waits until the relay log is durable ([`RelayLog::durable`]);
+    /// if that fails, the rest is dropped and the connection closed (nothing may be
+    /// acknowledged or fanned out that a crash could take back).
+    AwaitDurable,
     /// End the connection once the messages before this one are sent.
     Close,
 }
@@ -443,7 +447,7 @@ impl RelaySession {
             out.push(err(ErrorCode::TooLarge, m));
             return;
         }
-        let pushed = match log.push(&namespace, &doc, &changes) {
+        let pushed = match log.append(&namespace, &doc, &changes) {
             Ok(p) => p,
             Err(PushError::NeedHistory { .. }) => {
                 out.push(Effect::Send(RelayMsg::NeedHistory { doc, batch }));
@@ -460,7 +464,9 @@ impl RelaySession {
                 return;
             }
         };
-        // Durable: acknowledge, then fan out.
+        // Acknowledge and fan out only once durable; the shell lets later requests of this
+        // connection proceed meanwhile, so pushes share flushes.
+        out.push(Effect::AwaitDurable);
         out.push(Effect::Send(RelayMsg::Ack {
             doc,
             batch,
@@ -719,8 +725,10 @@ mod tests {
             changes: cs.clone(),
         };
         let e = s.handle_message(&log, push(1));
+        // Nothing is acknowledged or fanned out before the log is durable.
+        assert_eq!(e[0], Effect::AwaitDurable);
         assert_eq!(
-            e[0],
+            e[1],
             Effect::Send(RelayMsg::Ack {
                 doc,
                 batch: 1,
@@ -728,20 +736,23 @@ mod tests {
             })
         );
         assert!(matches!(
-            &e[1],
+            &e[2],
             Effect::FanOut { namespace, changes: RelayMsg::Changes { from: 1, to: 2, .. }, .. }
                 if namespace == "notes"
         ));
-        assert_eq!(e.len(), 2);
+        assert_eq!(e.len(), 3);
         // Replaying is harmless: same seqs, nothing new to fan out.
         let e = s.handle_message(&log, push(2));
         assert_eq!(
             e,
-            vec![Effect::Send(RelayMsg::Ack {
-                doc,
-                batch: 2,
-                seqs: vec![1, 2]
-            })]
+            vec![
+                Effect::AwaitDurable,
+                Effect::Send(RelayMsg::Ack {
+                    doc,
+                    batch: 2,
+                    seqs: vec![1, 2]
+                })
+            ]
         );
     }
 
@@ -812,7 +823,8 @@ mod tests {
                 changes: cs.clone(),
             },
         );
-        assert!(matches!(e[0], Effect::Send(RelayMsg::Ack { .. })));
+        assert_eq!(e[0], Effect::AwaitDurable);
+        assert!(matches!(e[1], Effect::Send(RelayMsg::Ack { .. })));
         let frames = |e: Vec<Effect>| -> Vec<(usize, RelayMsg)> {
             e.into_iter()
                 .map(|e| match e {

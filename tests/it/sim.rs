@@ -1132,6 +1132,18 @@ impl Sim {
                         self.relay.compactions.push(doc);
                     }
                 }
+                Effect::AwaitDurable => {
+                    if let Err(e) = self.relay.log.durable() {
+                        note!(
+                            self,
+                            "the relay log is not durable ({e}): nothing more is sent"
+                        );
+                        if let Some(c) = c {
+                            self.relay_closes(c);
+                        }
+                        return;
+                    }
+                }
                 Effect::Close => {
                     if let Some(c) = c {
                         self.relay_closes(c);
