@@ -2,8 +2,7 @@
 //! error or a close, its memory stays under a stated bound, a healthy device keeps syncing with
 //! bounded latency, and nothing stored is damaged.
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use futures_util::SinkExt;
@@ -29,34 +28,20 @@ struct Relay {
 impl Relay {
     fn start(dir: &std::path::Path) -> Relay {
         std::fs::write(dir.join("secret"), SECRET).unwrap();
-        let mut child = Command::new(crate::cli::exe())
-            .args([
-                "relay",
-                "--listen",
-                "127.0.0.1:0",
-                "--handshake-timeout",
-                "1",
-                "--max-change-bytes",
-                "65536",
-                "--jwt-secret-file",
-            ])
-            .arg(dir.join("secret"))
-            .arg("--data")
-            .arg(dir.join("relay"))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let addr = line
-            .trim()
-            .strip_prefix("listening on ")
-            .expect("relay started")
-            .parse()
-            .unwrap();
+        let (secret, data) = (dir.join("secret"), dir.join("relay"));
+        let args: Vec<&std::ffi::OsStr> = vec![
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+            "--handshake-timeout".as_ref(),
+            "1".as_ref(),
+            "--max-change-bytes".as_ref(),
+            "65536".as_ref(),
+            "--jwt-secret-file".as_ref(),
+            secret.as_os_str(),
+            "--data".as_ref(),
+            data.as_os_str(),
+        ];
+        let (child, addr) = crate::support::spawn_relay(&args);
         Relay { child, addr }
     }
 

@@ -1,9 +1,8 @@
 //! kill -9 the real relay binary while devices push: every acknowledged change survives in the
 //! log, unacknowledged ones are retried, everyone converges, and the log has no duplicate.
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
@@ -26,30 +25,17 @@ fn free_port() -> SocketAddr {
     l.local_addr().unwrap()
 }
 
-/// Start the relay binary and wait for its "listening on" line.
+/// Start the relay binary on `addr` and wait until it accepts connections.
 fn start_relay(dir: &std::path::Path, addr: SocketAddr) -> Child {
-    let mut child = Command::new(crate::cli::exe())
-        .args([
-            "relay",
-            "--insecure-no-auth",
-            "--listen",
-            &addr.to_string(),
-            "--data",
-        ])
-        .arg(dir)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    assert!(
-        line.starts_with("listening on"),
-        "relay did not start: {line:?}"
-    );
-    child
+    let listen = addr.to_string();
+    let args: Vec<&std::ffi::OsStr> = vec![
+        "--insecure-no-auth".as_ref(),
+        "--listen".as_ref(),
+        listen.as_ref(),
+        "--data".as_ref(),
+        dir.as_os_str(),
+    ];
+    crate::support::spawn_relay(&args).0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

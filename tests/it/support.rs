@@ -34,3 +34,27 @@ pub fn exchange(a: &Repo, b: &Repo, id: &tandem::DocId) {
         a.apply_remote(id, &ns, &changes).expect("apply b -> a");
     }
 }
+
+/// Start the real `tandem relay` binary with `args` (after `relay`) and wait for the line it
+/// prints once it accepts connections; returns the child and the address it listens on.
+pub fn spawn_relay(args: &[&std::ffi::OsStr]) -> (std::process::Child, std::net::SocketAddr) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(crate::cli::exe())
+        .arg("relay")
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap_or_else(|| panic!("the relay did not start: {line:?}"))
+        .parse()
+        .unwrap();
+    (child, addr)
+}
