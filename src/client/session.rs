@@ -424,14 +424,27 @@ impl ClientSession {
         msg: RelayMsg,
         repo: &Repo,
     ) -> Result<(), SyncError> {
+        self.step(now, repo, |s, repo| {
+            // Any frame is proof of life.
+            s.heartbeat.last_recv = now;
+            s.heartbeat.ping = None;
+            s.dispatch(msg, repo).and_then(|()| s.pump(repo))
+        })
+    }
+
+    /// Every input goes through here: nothing happens after the session ended, and an error
+    /// ends it.
+    fn step(
+        &mut self,
+        now: Instant,
+        repo: &Repo,
+        f: impl FnOnce(&mut Self, &Repo) -> Result<(), SyncError>,
+    ) -> Result<(), SyncError> {
         if self.closed {
             return Ok(());
         }
         self.now = now;
-        // Any frame is proof of life.
-        self.heartbeat.last_recv = now;
-        self.heartbeat.ping = None;
-        let result = self.dispatch(msg, repo).and_then(|()| self.pump(repo));
+        let result = f(self, repo);
         self.closed = result.is_err();
         result
     }
@@ -439,13 +452,9 @@ impl ClientSession {
     /// Time passed: send a due ping, declare the connection dead, retry what waited. Call it
     /// when [`poll_timeout`](Self::poll_timeout) is reached (calling it early is harmless).
     pub fn handle_timeout(&mut self, now: Instant, repo: &Repo) -> Result<(), SyncError> {
-        if self.closed {
-            return Ok(());
-        }
-        self.now = now;
-        let result = self.on_timeout().and_then(|()| self.pump(repo));
-        self.closed = result.is_err();
-        result
+        self.step(now, repo, |s, repo| {
+            s.on_timeout().and_then(|()| s.pump(repo))
+        })
     }
 
     /// A local change was made to `doc`: push it (now, or when the handshake is done).
@@ -455,28 +464,20 @@ impl ClientSession {
         doc: DocId,
         repo: &Repo,
     ) -> Result<(), SyncError> {
-        if self.closed {
-            return Ok(());
-        }
-        self.now = now;
-        self.queue_push(doc);
-        let result = self.pump(repo);
-        self.closed = result.is_err();
-        result
+        self.step(now, repo, |s, repo| {
+            s.queue_push(doc);
+            s.pump(repo)
+        })
     }
 
     /// Look at every document with local changes again (after missing change events).
     pub fn rescan_outbox(&mut self, now: Instant, repo: &Repo) -> Result<(), SyncError> {
-        if self.closed {
-            return Ok(());
-        }
-        self.now = now;
-        for doc in repo.outbox_docs()? {
-            self.queue_push(doc);
-        }
-        let result = self.pump(repo);
-        self.closed = result.is_err();
-        result
+        self.step(now, repo, |s, repo| {
+            for doc in repo.outbox_docs()? {
+                s.queue_push(doc);
+            }
+            s.pump(repo)
+        })
     }
 
     /// The next message to send, if any.
