@@ -2,11 +2,12 @@
 //! A backend applies a batch atomically and makes it durable on `sync`; it knows nothing of
 //! documents.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use super::{StoreError, StoreOptions};
 
@@ -57,29 +58,74 @@ pub struct SledBackend {
     db: sled::Db,
     tree: sled::Tree,
     data_file: Option<File>,
+    /// Declared last: leaves `OPEN_HERE` after sled's handles are dropped.
+    _held: HeldFolder,
+}
+
+/// The folders a live [`SledBackend`] of this process holds (canonical paths).
+static OPEN_HERE: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+
+/// A folder's entry in [`OPEN_HERE`], removed on drop.
+struct HeldFolder(PathBuf);
+
+impl Drop for HeldFolder {
+    fn drop(&mut self) {
+        OPEN_HERE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.0);
+    }
 }
 
 const PID_FILE: &str = "tandem.pid";
 
+/// How long a reopen waits for sled's threads to release a folder this process closed.
+const SELF_RELEASE_WAIT: Duration = Duration::from_secs(5);
+
 impl SledBackend {
     pub fn open(path: &Path, opts: &StoreOptions) -> Result<SledBackend, StoreError> {
         std::fs::create_dir_all(path)?;
-        let db = match sled::Config::new()
-            .path(path)
-            .cache_capacity(opts.cache_bytes)
-            .open()
+        let key = path.canonicalize()?;
+        if !OPEN_HERE
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(key.clone())
         {
-            Ok(db) => db,
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
-                let pid = std::fs::read_to_string(path.join(PID_FILE))
-                    .ok()
-                    .and_then(|s| s.trim().parse().ok());
-                return Err(StoreError::InUse {
-                    path: path.to_path_buf(),
-                    pid,
-                });
+            return Err(StoreError::InUse {
+                path: path.to_path_buf(),
+                pid: Some(std::process::id()),
+            });
+        }
+        let held = HeldFolder(key);
+        // sled lets go of its lock only when its last background thread does, a moment
+        // after the `Db` is dropped. A folder this very process just closed is therefore
+        // retried for a bounded while; one held by another process fails at once.
+        let mut delay = Duration::from_millis(1);
+        let deadline = Instant::now() + SELF_RELEASE_WAIT;
+        let db = loop {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(opts.cache_bytes)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") => {
+                    let pid: Option<u32> = std::fs::read_to_string(path.join(PID_FILE))
+                        .ok()
+                        .and_then(|s| s.trim().parse().ok());
+                    // Not open here (`OPEN_HERE` says so), yet our pid: sled's threads linger.
+                    if pid == Some(std::process::id()) && Instant::now() < deadline {
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_millis(50));
+                        continue;
+                    }
+                    return Err(StoreError::InUse {
+                        path: path.to_path_buf(),
+                        pid,
+                    });
+                }
+                Err(e) => return Err(e.into()),
             }
-            Err(e) => return Err(e.into()),
         };
         // We hold sled's lock now, so the pid file is ours to write.
         let mut f = File::create(path.join(PID_FILE))?;
@@ -94,6 +140,7 @@ impl SledBackend {
             db,
             tree,
             data_file,
+            _held: held,
         })
     }
 }

@@ -54,8 +54,8 @@ const T_SYNC: u8 = b'y';
 /// What went wrong in the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Another process has the store open.
-    #[error("store {path} is in use by another process{}", pid.map(|p| format!(" (pid {p})")).unwrap_or_default())]
+    /// Another process, or another live handle in this one, has the store open.
+    #[error("store {path} is already open{}", pid.map(|p| format!(" (by pid {p})")).unwrap_or_default())]
     InUse { path: PathBuf, pid: Option<u32> },
     /// The store was written by a newer tandem.
     #[error("store format {found} is newer than this tandem understands ({FORMAT_VERSION}); upgrade tandem")]
