@@ -6,9 +6,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::wal::{Op, Wal, LSN_KEY};
 use super::{StoreError, StoreOptions};
 
 /// One atomic write.
@@ -52,12 +53,15 @@ pub trait Backend: Send + Sync {
     fn sync(&self) -> Result<(), StoreError>;
 }
 
-/// sled, plus a pid file beside its lock so that "in use" can name the holder, plus an
-/// fdatasync of sled's data file where sled's own flush stops short of one.
+/// sled behind a write-ahead log of our own (what makes a batch durable, see `wal.rs`),
+/// plus a pid file beside sled's lock so that "in use" can name the holder. Checkpoints
+/// flush sled and fdatasync its data file, where sled's own flush stops short of one.
 pub struct SledBackend {
     db: sled::Db,
     tree: sled::Tree,
-    data_file: Option<File>,
+    data_file: Option<Arc<File>>,
+    wal: Arc<Wal>,
+    checkpointer: Option<std::thread::JoinHandle<()>>,
     /// Declared last: leaves `OPEN_HERE` after sled's handles are dropped.
     _held: HeldFolder,
 }
@@ -132,14 +136,44 @@ impl SledBackend {
         writeln!(f, "{}", std::process::id())?;
         let tree = db.open_tree("tandem")?;
         let data_file = if opts.fsync {
-            Some(File::open(data_path(path))?)
+            Some(Arc::new(File::open(data_path(path))?))
         } else {
             None
+        };
+        let sled_lsn = match tree.get(LSN_KEY)? {
+            Some(v) => u64::from_be_bytes(
+                v.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("bad write-ahead log position".into()))?,
+            ),
+            None => 0,
+        };
+        let replayed = Wal::open(
+            path,
+            opts.fsync,
+            sled_lsn,
+            |lsn, ops| apply_ops(&tree, lsn, ops),
+            || flush_sled(&db, data_file.as_deref()),
+        )?;
+        if replayed.applied > 0 {
+            tracing::info!(
+                "replayed {} batches from the write-ahead log",
+                replayed.applied
+            );
+        }
+        let wal = Arc::new(replayed.wal);
+        let checkpointer = {
+            let (wal, db, data_file) = (wal.clone(), db.clone(), data_file.clone());
+            std::thread::Builder::new()
+                .name("tandem-checkpoint".into())
+                .spawn(move || wal.checkpoint_loop(|| flush_sled(&db, data_file.as_deref())))?
         };
         Ok(SledBackend {
             db,
             tree,
             data_file,
+            wal,
+            checkpointer: Some(checkpointer),
             _held: held,
         })
     }
@@ -147,6 +181,44 @@ impl SledBackend {
 
 fn data_path(path: &Path) -> PathBuf {
     path.join("db")
+}
+
+/// Apply one logged batch to sled, with its lsn, atomically.
+fn apply_ops(tree: &sled::Tree, lsn: u64, ops: Vec<Op>) -> Result<(), StoreError> {
+    let mut b = sled::Batch::default();
+    for (k, v) in ops {
+        match v {
+            Some(v) => b.insert(k, v),
+            None => b.remove(k),
+        }
+    }
+    b.insert(LSN_KEY, &lsn.to_be_bytes());
+    tree.apply_batch(b)?;
+    Ok(())
+}
+
+/// Make everything sled has applied durable in sled itself (a checkpoint of the log).
+fn flush_sled(db: &sled::Db, data_file: Option<&File>) -> Result<(), StoreError> {
+    db.flush()?;
+    if let Some(f) = data_file {
+        f.sync_data()?;
+    }
+    Ok(())
+}
+
+impl Drop for SledBackend {
+    /// A clean close: sled takes in everything, and the log is no longer needed.
+    fn drop(&mut self) {
+        self.wal.stop();
+        if let Some(t) = self.checkpointer.take() {
+            let _ = t.join();
+        }
+        if self.wal.write_pending().is_ok()
+            && flush_sled(&self.db, self.data_file.as_deref()).is_ok()
+        {
+            self.wal.remove_all();
+        }
+    }
 }
 
 impl Backend for SledBackend {
@@ -184,23 +256,13 @@ impl Backend for SledBackend {
     }
 
     fn write(&self, batch: Batch) -> Result<(), StoreError> {
-        let mut b = sled::Batch::default();
-        for (k, v) in batch.ops {
-            match v {
-                Some(v) => b.insert(k, v),
-                None => b.remove(k),
-            }
-        }
-        self.tree.apply_batch(b)?;
-        Ok(())
+        self.wal
+            .append(batch.ops, |lsn, ops| apply_ops(&self.tree, lsn, ops))
     }
 
+    /// Durable once the write-ahead log is: sled is flushed by checkpoints.
     fn sync(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        if let Some(f) = &self.data_file {
-            f.sync_data()?;
-        }
-        Ok(())
+        self.wal.sync()
     }
 }
 

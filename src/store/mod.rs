@@ -16,9 +16,13 @@
 //! All keyspaces live in one sled tree so that a write (change + meta + outbox) is one atomic
 //! `apply_batch`. Every value is at most [`CHUNK`] bytes: sled writes a node bigger than ~128 KiB
 //! to a blob file that it never fsyncs, so large values are split into chunks.
+//!
+//! A write is durable once it is in the write-ahead log (`wal.rs`), not when sled flushes:
+//! sled catches up in the background and the log is replayed into it on open.
 
 mod backend;
 mod group_commit;
+mod wal;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -127,8 +131,9 @@ pub struct Stored {
 /// Options for opening a store.
 #[derive(Clone, Debug)]
 pub struct StoreOptions {
-    /// Call fdatasync on sled's data file after each (group) flush. sled's own `flush()` only
-    /// calls `sync_file_range` on Linux, which survives a process kill but not a power cut.
+    /// fdatasync the write-ahead log at each (group) commit, and sled's data file at each
+    /// checkpoint. Without it a commit only writes the log, which survives a process kill but
+    /// not a power cut.
     pub fsync: bool,
     /// sled's page cache size in bytes.
     pub cache_bytes: u64,
