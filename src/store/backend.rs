@@ -110,6 +110,9 @@ impl SledBackend {
             match sled::Config::new()
                 .path(path)
                 .cache_capacity(opts.cache_bytes)
+                // The write-ahead log makes writes durable; sled is flushed at checkpoints
+                // only, so its flushes do not compete with the log's for the disk.
+                .flush_every_ms(None)
                 .open()
             {
                 Ok(db) => break db,
