@@ -298,6 +298,31 @@ mod tests {
         let ping = encode(&ClientMsg::Ping { nonce: 300 }, 64).unwrap();
         assert_eq!(ping, [5, 251, 0x2c, 0x01]);
 
+        // Presence: variant 7 of ClientMsg and 9 of RelayMsg, the state as an Option.
+        let here = crate::transport::Presence {
+            name: "al".into(),
+            color: 0xff,
+            selection: None,
+        };
+        let presence = ClientMsg::Presence {
+            namespace: "n".into(),
+            doc: doc(0x33),
+            state: Some(here.clone()),
+        };
+        let mut expected = vec![7, 1, b'n'];
+        expected.extend([0x33; 16]);
+        expected.extend([1, 2, b'a', b'l', 251, 0xff, 0x00, 0]);
+        assert_eq!(encode(&presence, 64).unwrap(), expected);
+        let left = RelayMsg::Presence {
+            doc: doc(0x33),
+            peer: 4,
+            state: None,
+        };
+        let mut expected = vec![9];
+        expected.extend([0x33; 16]);
+        expected.extend([4, 0]);
+        assert_eq!(encode(&left, 64).unwrap(), expected);
+
         let pull = ClientMsg::Pull {
             doc: doc(0xaa),
             after: 7,

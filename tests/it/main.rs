@@ -3,6 +3,7 @@
 mod bad_input;
 mod cli;
 mod crash;
+mod editors;
 mod fuzz_corpus;
 mod hostile;
 mod local;
