@@ -37,6 +37,11 @@
 //!
 //! See `docs/architecture.md` for the whole picture.
 
+/// The example in `docs/embedding.md` runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/embedding.md")]
+pub struct EmbeddingGuide;
+
 pub mod client;
 pub mod crdt;
 pub mod error;

@@ -8,6 +8,7 @@ mod fuzz_corpus;
 mod hostile;
 mod local;
 mod migration;
+mod notes_app;
 mod props;
 mod quickstart;
 mod relay;
