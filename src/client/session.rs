@@ -64,6 +64,8 @@ const MAX_ISSUES: usize = 256;
 /// Own acknowledged seqs remembered per document to step the cursor over; past this the
 /// client just pulls its own changes back (harmless).
 const MAX_OWN_SEQS: usize = 65_536;
+/// Peers (over all documents) whose presence is kept; more are ignored.
+const MAX_PEERS: usize = 4096;
 /// The longest a retried request waits.
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
@@ -689,6 +691,11 @@ impl ClientSession {
             RelayMsg::Ack { doc, batch, seqs } => self.on_ack(repo, doc, batch, &seqs),
             RelayMsg::NeedHistory { doc, batch } => self.on_need_history(repo, doc, batch),
             RelayMsg::Presence { doc, peer, state } => {
+                let known = self.presence.heard.contains_key(&(doc, peer));
+                if state.is_some() && !known && self.presence.heard.len() >= MAX_PEERS {
+                    // A relay that names too many peers: the rest go unseen.
+                    return Ok(());
+                }
                 match &state {
                     Some(_) => self.presence.heard.insert((doc, peer), self.now),
                     None => self.presence.heard.remove(&(doc, peer)),

@@ -105,6 +105,7 @@ struct NetStats {
     bytes_in: AtomicU64,
     presence_frames: AtomicU64,
     presence_dropped: AtomicU64,
+    presence_rate_limited: AtomicU64,
 }
 
 /// What the shell keeps per connection, in the hub.
@@ -347,6 +348,7 @@ async fn connection(
         shared: shared.clone(),
         dispatch,
         session: Some(session),
+        presence_rate_limited: 0,
     };
     let mut ok = conn.step(|s, log| s.greet(log)).await;
     let mut shutdown = shared.shutdown.clone();
@@ -395,6 +397,8 @@ struct Connection {
     dispatch: mpsc::Sender<Vec<Effect>>,
     /// Moved onto the blocking pool for each step and back; `None` only if a step panicked.
     session: Option<RelaySession>,
+    /// The session's count of rate-limited presence updates, as last added to the metrics.
+    presence_rate_limited: u64,
 }
 
 /// What carries out a connection's effects: its id in the hub and its outgoing queue.
@@ -422,6 +426,14 @@ impl Connection {
         .await;
         match done {
             Ok((session, effects)) => {
+                let limited = session.presence_dropped();
+                if limited > self.presence_rate_limited {
+                    self.shared
+                        .stats
+                        .presence_rate_limited
+                        .fetch_add(limited - self.presence_rate_limited, Ordering::Relaxed);
+                    self.presence_rate_limited = limited;
+                }
                 self.session = Some(session);
                 // Waits while the dispatcher is this many batches behind: backpressure.
                 self.dispatch.send(effects).await.is_ok()
@@ -542,7 +554,12 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     let n = &shared.stats;
     let (requests, flushes) = shared.log.flush_counts();
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let rows: [(&str, &str, u64); 21] = [
+    let rows: [(&str, &str, u64); 22] = [
+        (
+            "tandem_relay_presence_rate_limited_total",
+            "counter",
+            g(&n.presence_rate_limited),
+        ),
         (
             "tandem_relay_presence_frames_total",
             "counter",
