@@ -84,6 +84,11 @@ impl Tmux {
         self.cmd(&["capture-pane", "-p", "-t", name])
     }
 
+    /// The screen with its colours, as escape sequences.
+    fn screen_colours(&self, name: &str) -> String {
+        self.cmd(&["capture-pane", "-e", "-p", "-t", name])
+    }
+
     fn keys(&self, name: &str, keys: &[&str]) {
         for k in keys {
             self.cmd(&["send-keys", "-t", name, k]);
@@ -214,6 +219,12 @@ fn two_note_apps_in_tmux_sync_show_status_and_settle_a_conflict() {
     t.keys("bob", &["Home"]);
     let s = t.wait_text("ada", "Here: bob@0");
     t.save("1-ada-sees-bob.txt", &s);
+    // Bob's caret is drawn in his colour (55aaff) on the character it sits before.
+    let coloured = t.screen_colours("ada");
+    assert!(
+        coloured.contains("48;2;85;170;255mm"),
+        "bob's caret in his colour on the 'm' of \"milk\":\n{coloured}"
+    );
     t.save("1-bob-editing.txt", &t.screen("bob"));
 
     // The relay goes away: Ada's edit waits (pending), then syncs when it is back.
