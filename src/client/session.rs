@@ -1450,6 +1450,7 @@ impl ClientSession {
             .filter(|d| p.sent.get(d).is_none_or(|at| *at + interval <= now))
             .copied()
             .collect();
+        let mut refused = Vec::new();
         for doc in ready {
             let Some(state) = p.due.remove(&doc) else {
                 continue;
@@ -1457,6 +1458,16 @@ impl ClientSession {
             let Ok(meta) = repo.meta(&doc) else {
                 continue;
             };
+            if let Some(Err(m)) = state.as_ref().map(crate::transport::Presence::check) {
+                // The relay would refuse it: say so here instead.
+                refused.push(DocIssue {
+                    doc: Some(doc),
+                    direction: Direction::Upload,
+                    code: None,
+                    message: format!("presence not sent: {m}"),
+                });
+                continue;
+            }
             p.sent.insert(doc, now);
             if self.out.len() < MAX_OUT {
                 self.out.push_back(ClientMsg::Presence {
@@ -1465,6 +1476,9 @@ impl ClientSession {
                     state,
                 });
             }
+        }
+        for issue in refused {
+            self.report(issue);
         }
     }
 

@@ -1067,4 +1067,12 @@ fn presence_is_coalesced_repeated_and_expires_after_its_ttl() {
     assert_eq!(presence_sent(&c.sent()), [None]);
     c.at(45).unwrap();
     assert!(presence_sent(&c.sent()).is_empty(), "no repeat at 40 s");
+
+    // A presence the relay would refuse is not sent; the document keeps syncing.
+    repo.set_presence(&doc, Some(presence_named(&"x".repeat(100))));
+    c.session.presence_changed(c.now, &repo).unwrap();
+    assert!(presence_sent(&c.sent()).is_empty());
+    let issue = c.session.poll_issue().unwrap();
+    assert!(issue.message.contains("presence not sent"), "{issue:?}");
+    assert_eq!(c.session.parked().count(), 0);
 }

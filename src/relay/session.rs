@@ -325,13 +325,20 @@ impl RelaySession {
         if state.is_some() && !self.presence_allowed(now) {
             return;
         }
+        // Errors about presence name no document: a client takes an error with a document and
+        // no batch for a refused pull, and must not stop syncing a document over its presence.
         if !self.can_read(&namespace) || !valid_namespace(&namespace) {
-            let m = format!("this token cannot read namespace '{namespace}'");
-            out.push(error(ErrorCode::Forbidden, m, Some(doc), None));
+            let m = format!("presence: this token cannot read namespace '{namespace}'");
+            out.push(error(ErrorCode::Forbidden, m, None, None));
             return;
         }
         if let Some(Err(m)) = state.as_ref().map(Presence::check) {
-            out.push(error(ErrorCode::TooLarge, m, Some(doc), None));
+            out.push(error(
+                ErrorCode::TooLarge,
+                format!("presence: {m}"),
+                None,
+                None,
+            ));
             return;
         }
         out.push(Effect::Presence {
