@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ROOT};
+use automerge::{ActorId, Automerge, Change, ChangeHash, PatchLog, ReadDoc, ROOT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
@@ -672,7 +672,14 @@ impl Repo {
             Some(s) => migrate::migrate(&mut l.doc, id, s)?,
             None => Vec::new(),
         };
-        let mut tx = l.doc.transaction();
+        // Patches are logged as the transaction runs: diffing afterwards would cost time in
+        // proportion to the document's history on every keystroke.
+        let migrated = !changes.is_empty();
+        let mut tx = l
+            .doc
+            .transaction_log_patches(PatchLog::active())
+            // Automerge refuses only a log already bound to another document; this one is new.
+            .expect("a fresh patch log fits any document");
         let result = {
             let mut t = Tx {
                 writer: Writer {
@@ -706,7 +713,7 @@ impl Repo {
         if let Some(m) = message {
             opts = opts.with_message(m);
         }
-        let (hash, _) = tx.commit_with(opts);
+        let (hash, mut log) = tx.commit_with(opts);
         if hash.is_some() {
             if let Some(c) = l.doc.get_last_local_change() {
                 changes.push(c);
@@ -718,7 +725,14 @@ impl Repo {
         self.persist_local(id, &mut l, &changes)?;
         let after = crdt::conflict_map(&View::new(&l.doc, schema));
         let now = l.doc.get_heads();
-        let patches = editing::patches(&l.doc, schema, &before_heads, &now).into();
+        let patches = if migrated {
+            // A migration's changes came before the logged transaction (rare: once per schema
+            // version per document).
+            editing::patches(&l.doc, schema, &before_heads, &now)
+        } else {
+            editing::convert(&l.doc, schema, l.doc.make_patches(&mut log))
+        }
+        .into();
         drop(l);
         self.emit(Event::Changed {
             doc: *id,
@@ -1069,7 +1083,12 @@ impl Repo {
             return Ok(Applied::default());
         }
         let offered = fresh.len();
-        let applied = guarded(|| l.doc.apply_changes(fresh).map_err(|e| e.to_string()));
+        let mut log = PatchLog::active();
+        let applied = guarded(|| {
+            l.doc
+                .apply_changes_log_patches(fresh, &mut log)
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = applied {
             self.reload(id, &mut l);
             return Err(Error::InvalidData(e));
@@ -1097,7 +1116,7 @@ impl Repo {
         l.meta = meta;
         let after = crdt::conflict_map(&View::new(&l.doc, schema));
         let now = l.doc.get_heads();
-        let patches = editing::patches(&l.doc, schema, &before_heads, &now).into();
+        let patches = editing::convert(&l.doc, schema, l.doc.make_patches(&mut log)).into();
         drop(l);
         self.emit(Event::Changed {
             doc: *id,

@@ -81,14 +81,25 @@ fn value_json(v: &Value<'_>) -> serde_json::Value {
     }
 }
 
-/// The patches that take the document from `before` to `after` (both sets of heads), with
-/// fields renamed by the schema's lenses. Bookkeeping keys (`_authors`, `_schema`, ...) are
-/// left out; `_deleted` stays, since a UI shows deletes.
+/// The patches that take the document from `before` to `after` (both sets of heads). This
+/// diffs the two states, which costs time in proportion to the document's history (about 2 ms
+/// for a text of 10,000 edits): where the operation is at hand, log its patches instead
+/// (Automerge's `PatchLog`) and convert them with [`convert`].
 pub fn patches(
     doc: &Automerge,
     schema: Option<&Schema>,
     before: &[ChangeHash],
     after: &[ChangeHash],
+) -> Vec<Patch> {
+    convert(doc, schema, doc.diff(before, after))
+}
+
+/// Automerge's patches as ours, with fields renamed by the schema's lenses. Bookkeeping keys
+/// (`_authors`, `_schema`, ...) are left out; `_deleted` stays, since a UI shows deletes.
+pub fn convert(
+    doc: &Automerge,
+    schema: Option<&Schema>,
+    patches: Vec<automerge::Patch>,
 ) -> Vec<Patch> {
     let names: HashMap<String, String> = View::new(doc, schema)
         .fields()
@@ -98,7 +109,7 @@ pub fn patches(
     let rename = |key: String| names.get(&key).cloned().unwrap_or(key);
     let hidden = |key: &str| key.starts_with(super::schema::RESERVED_PREFIX) && key != DELETED_KEY;
     let mut out = Vec::new();
-    for p in doc.diff(before, after) {
+    for p in patches {
         let mut path: Vec<PathElem> = p.path.into_iter().map(|(_, pr)| prop(pr)).collect();
         let action = match p.action {
             AmAction::PutMap {
