@@ -702,6 +702,11 @@ impl App {
             }
         }
         let transferring = |p: (u64, u64)| p.0 < p.1;
+        if conn == ConnState::Online && pending == 0 && self.shown.1 == "pending" {
+            // Changes that waited were just acknowledged: that was a sync, however quick (its
+            // progress event may still be on its way).
+            self.transferred = Some(Instant::now());
+        }
         let just_moved = self.transferred.is_some_and(|t| t.elapsed() < HOLD);
         let (kind, text) = match conn {
             ConnState::Online if pending > 0 || transferring(self.download) || just_moved => {
