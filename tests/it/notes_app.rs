@@ -268,6 +268,8 @@ fn two_note_apps_in_tmux_sync_show_status_and_settle_a_conflict() {
     t.save("3-ada-syncing.txt", &syncing_screen.unwrap());
     t.save("4-ada-synced.txt", &t.screen("ada"));
     t.wait_text("bob", "milk and eggs bread");
+    // Presence is announced again after the reconnect: Ada sees Bob's caret again.
+    t.wait_text("ada", "Here: bob@0");
 
     // Both rename the note while the relay is down: a conflict on the critical title.
     relay.stop();
