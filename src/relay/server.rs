@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -61,6 +61,10 @@ pub struct RelayConfig {
     pub outgoing_queue: usize,
     /// Compact a log once this many changes sit after its snapshot.
     pub compact_after: u64,
+    /// Presence messages one connection may send per second; the excess is dropped.
+    pub presence_per_sec: u32,
+    /// Presence messages one connection may send at once before the rate applies.
+    pub presence_burst: u32,
 }
 
 impl RelayConfig {
@@ -83,6 +87,8 @@ impl RelayConfig {
             feed_page: 1000,
             outgoing_queue: 1024,
             compact_after: 10_000,
+            presence_per_sec: 20,
+            presence_burst: 40,
         }
     }
 }
@@ -97,6 +103,9 @@ struct NetStats {
     refused: AtomicU64,
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
+    presence_frames: AtomicU64,
+    presence_dropped: AtomicU64,
+    presence_rate_limited: AtomicU64,
 }
 
 /// What the shell keeps per connection, in the hub.
@@ -121,6 +130,8 @@ impl Shared {
             limits: self.cfg.limits.clone(),
             page_bytes: self.cfg.page_bytes,
             feed_page: self.cfg.feed_page,
+            presence_per_sec: self.cfg.presence_per_sec,
+            presence_burst: self.cfg.presence_burst,
         }
     }
 }
@@ -337,6 +348,7 @@ async fn connection(
         shared: shared.clone(),
         dispatch,
         session: Some(session),
+        presence_rate_limited: 0,
     };
     let mut ok = conn.step(|s, log| s.greet(log)).await;
     let mut shutdown = shared.shutdown.clone();
@@ -348,7 +360,7 @@ async fn connection(
                     Ok(Some(Ok(Message::Binary(b)))) => {
                         shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                         shared.stats.bytes_in.fetch_add(b.len() as u64, Ordering::Relaxed);
-                        ok = conn.step(move |s, log| s.handle_frame(log, &b)).await;
+                        ok = conn.step(move |s, log| s.handle_frame(log, Instant::now(), &b)).await;
                     }
                     Ok(Some(Ok(Message::Text(_)))) => {
                         ok = conn.step(|s, _| s.handle_text_frame()).await;
@@ -365,6 +377,9 @@ async fn connection(
             _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => ok = false,
         }
     }
+    // The others present in this connection's documents hear that it left.
+    let gone = lock(&shared.conns).leave_presence(id);
+    deliver_presence(&shared, gone);
     lock(&shared.conns).leave(id);
     // Accepted pushes still get their acks (and their fan-out) once durable.
     drop(conn);
@@ -382,6 +397,8 @@ struct Connection {
     dispatch: mpsc::Sender<Vec<Effect>>,
     /// Moved onto the blocking pool for each step and back; `None` only if a step panicked.
     session: Option<RelaySession>,
+    /// The session's count of rate-limited presence updates, as last added to the metrics.
+    presence_rate_limited: u64,
 }
 
 /// What carries out a connection's effects: its id in the hub and its outgoing queue.
@@ -409,6 +426,14 @@ impl Connection {
         .await;
         match done {
             Ok((session, effects)) => {
+                let limited = session.presence_dropped();
+                if limited > self.presence_rate_limited {
+                    self.shared
+                        .stats
+                        .presence_rate_limited
+                        .fetch_add(limited - self.presence_rate_limited, Ordering::Relaxed);
+                    self.presence_rate_limited = limited;
+                }
                 self.session = Some(session);
                 // Waits while the dispatcher is this many batches behind: backpressure.
                 self.dispatch.send(effects).await.is_ok()
@@ -470,6 +495,14 @@ impl Outbound {
                         }
                     }
                 }
+                Effect::Presence {
+                    namespace,
+                    doc,
+                    state,
+                } => {
+                    let out = lock(&self.shared.conns).set_presence(self.id, namespace, doc, state);
+                    deliver_presence(&self.shared, out);
+                }
                 Effect::Close => return false,
             }
         }
@@ -493,12 +526,50 @@ impl Outbound {
     }
 }
 
+/// Send presence messages to their recipients without ever waiting: presence is ephemeral,
+/// so a recipient whose queue is full misses this one (the next update replaces it) rather
+/// than being closed or slowing anyone's document sync.
+fn deliver_presence(shared: &Shared, out: Vec<(u64, RelayMsg)>) {
+    if out.is_empty() {
+        return;
+    }
+    let conns = lock(&shared.conns);
+    for (to, msg) in out {
+        let Some(c) = conns.get(to) else { continue };
+        let Some(frame) = encode(shared, &msg) else {
+            continue;
+        };
+        match c.tx.try_send(frame) {
+            Ok(()) => shared.stats.presence_frames.fetch_add(1, Ordering::Relaxed),
+            Err(_) => shared
+                .stats
+                .presence_dropped
+                .fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     let s = &shared.log.stats;
     let n = &shared.stats;
     let (requests, flushes) = shared.log.flush_counts();
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let rows: [(&str, &str, u64); 19] = [
+    let rows: [(&str, &str, u64); 22] = [
+        (
+            "tandem_relay_presence_rate_limited_total",
+            "counter",
+            g(&n.presence_rate_limited),
+        ),
+        (
+            "tandem_relay_presence_frames_total",
+            "counter",
+            g(&n.presence_frames),
+        ),
+        (
+            "tandem_relay_presence_dropped_total",
+            "counter",
+            g(&n.presence_dropped),
+        ),
         ("tandem_relay_connections", "gauge", g(&n.connections)),
         (
             "tandem_relay_connections_total",

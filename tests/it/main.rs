@@ -3,10 +3,12 @@
 mod bad_input;
 mod cli;
 mod crash;
+mod editors;
 mod fuzz_corpus;
 mod hostile;
 mod local;
 mod migration;
+mod notes_app;
 mod props;
 mod quickstart;
 mod relay;

@@ -145,7 +145,7 @@ async fn three_devices_converge_show_the_same_conflict_and_fan_out_live() {
         .await;
     }
     wait_event(&mut rx_b, "a live text edit", |e| {
-        matches!(e, Event::Changed { doc, origin: Origin::Remote, heads } if *doc == id && heads != &before)
+        matches!(e, Event::Changed { doc, origin: Origin::Remote, heads, .. } if *doc == id && heads != &before)
     })
     .await;
     assert_eq!(b.get(&id).unwrap().value["body"], "Do: pack bags");

@@ -47,6 +47,12 @@ pub struct RelayArgs {
     /// Compact a document's log after this many changes.
     #[arg(long, default_value_t = 10_000)]
     pub compact_after: u64,
+    /// Presence updates one connection may send per second (the excess is dropped).
+    #[arg(long, default_value_t = 20)]
+    pub presence_per_sec: u32,
+    /// Presence updates one connection may send at once before the rate applies.
+    #[arg(long, default_value_t = 40)]
+    pub presence_burst: u32,
     /// Give the relay a new identity before starting (after restoring an older backup):
     /// devices then re-push what the backup lacks instead of trusting cursors it never had.
     #[arg(long)]
@@ -145,6 +151,8 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
     cfg.handshake_timeout = Duration::from_secs(args.handshake_timeout);
     cfg.idle_timeout = Duration::from_secs(args.idle_timeout);
     cfg.compact_after = args.compact_after;
+    cfg.presence_per_sec = args.presence_per_sec;
+    cfg.presence_burst = args.presence_burst;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let handle = start(cfg)
