@@ -1,0 +1,737 @@
+//! The tokio side of `/automerge`: one task per connection (handshake, decoding, routing) and
+//! one actor per document in memory (a task owning a [`DocSync`] behind a bounded queue).
+//!
+//! A document actor works in rounds: it takes every input waiting (up to a batch), catches up
+//! with the relay log when poked (a tandem/1 push landed), applies the peers' sync messages,
+//! appends what is new to the log and waits for the group-commit flush, and only then
+//! generates the sync messages to send — so no peer hears of heads the relay could still lose.
+//! The changes a round stored are fanned out to tandem/1 connections like any push. An actor
+//! with no peers left ends after an idle period, dropping the document from memory.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::ws::{Message, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::cbor::{DecodeLimits, Value};
+use super::doc::{check_sync_message, CheckedSync, DocSync};
+use super::wire::{self, AmMsg, WireError, PROTOCOL_VERSION};
+use crate::ids::DocId;
+use crate::relay::auth::{AuthError, Claims};
+use crate::relay::log::{valid_namespace, RelayLog};
+use crate::transport::RelayMsg;
+
+/// Hands changes stored from automerge-repo peers to the tandem/1 fan-out:
+/// (namespace, document, a `RelayMsg::Changes`).
+pub type FanOut = Box<dyn Fn(&str, DocId, RelayMsg) + Send + Sync>;
+
+/// Limits and timings of the endpoint.
+#[derive(Clone, Debug)]
+pub struct AmConfig {
+    pub max_frame_bytes: usize,
+    pub max_docs_per_connection: usize,
+    pub handshake_timeout: Duration,
+    pub idle_timeout: Duration,
+    /// A WebSocket ping this often keeps idle browser tabs from hitting the idle timeout.
+    pub ping_every: Duration,
+    /// Frames queued for one connection before it counts as too slow and is closed.
+    pub outgoing_queue: usize,
+    /// Inputs queued for one document actor (senders wait when it is full).
+    pub doc_queue: usize,
+    /// Inputs one actor round takes at most.
+    pub doc_batch: usize,
+    /// A document with no peers leaves memory after this long.
+    pub doc_idle: Duration,
+    /// Bytes per log page when loading a document.
+    pub page_bytes: u64,
+}
+
+impl Default for AmConfig {
+    fn default() -> Self {
+        AmConfig {
+            max_frame_bytes: 16 << 20,
+            max_docs_per_connection: 10_000,
+            handshake_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(90),
+            ping_every: Duration::from_secs(30),
+            outgoing_queue: 1024,
+            doc_queue: 256,
+            doc_batch: 256,
+            doc_idle: Duration::from_secs(30),
+            page_bytes: 4 << 20,
+        }
+    }
+}
+
+/// Counters for /metrics.
+#[derive(Default)]
+pub struct AmStats {
+    pub connections: AtomicU64,
+    pub docs_loaded: AtomicU64,
+    pub sync_in: AtomicU64,
+    pub sync_out: AtomicU64,
+    pub changes_stored: AtomicU64,
+    pub refused: AtomicU64,
+}
+
+/// How a peer is reached.
+#[derive(Clone)]
+struct PeerOut {
+    peer_id: String,
+    tx: mpsc::Sender<Message>,
+    close: Arc<Notify>,
+}
+
+impl PeerOut {
+    /// Queue a frame; a full queue means a reader too slow to keep: close it.
+    fn send(&self, frame: Vec<u8>) {
+        match self.tx.try_send(Message::Binary(Bytes::from(frame))) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.close.notify_one(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
+        }
+    }
+}
+
+/// What a connection knows of its peer, shared with the actors of its documents.
+struct PeerCtx {
+    conn: u64,
+    out: PeerOut,
+    claims: Option<Claims>,
+    /// Namespace for documents this peer creates.
+    new_ns: String,
+}
+
+impl PeerCtx {
+    fn can_read(&self, ns: &str) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.can_read(ns))
+    }
+    fn can_write(&self, ns: &str) -> bool {
+        self.claims.as_ref().is_none_or(|c| c.can_write(ns))
+    }
+}
+
+enum DocInput {
+    Sync {
+        peer: Arc<PeerCtx>,
+        msg: CheckedSync,
+        request: bool,
+    },
+    Ephemeral {
+        conn: u64,
+        raw: Value,
+    },
+    Gone {
+        conn: u64,
+    },
+}
+
+struct DocHandle {
+    tx: mpsc::Sender<DocInput>,
+    poke: Arc<Notify>,
+}
+
+/// The endpoint's shared state: the documents in memory and how to reach the log and the
+/// tandem/1 side.
+pub struct AmRelay {
+    log: Arc<RelayLog>,
+    cfg: AmConfig,
+    docs: Mutex<HashMap<DocId, DocHandle>>,
+    fanout: FanOut,
+    peer_id: String,
+    storage_id: String,
+    next_conn: AtomicU64,
+    pub stats: AmStats,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The relay's storage id: its identity as a UUID, so it is stable while the data is and
+/// changes when the data is wiped (clients then resync instead of trusting old sync state).
+pub fn storage_id(relay_id: [u8; 16]) -> String {
+    let h = hex::encode(relay_id);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
+}
+
+impl AmRelay {
+    pub fn new(log: Arc<RelayLog>, cfg: AmConfig, fanout: FanOut) -> AmRelay {
+        let storage_id = storage_id(log.relay_id());
+        AmRelay {
+            peer_id: format!("tandem-relay-{}", &storage_id[..8]),
+            storage_id,
+            log,
+            cfg,
+            docs: Mutex::new(HashMap::new()),
+            fanout,
+            next_conn: AtomicU64::new(1),
+            stats: AmStats::default(),
+        }
+    }
+
+    /// New changes of `doc` are durable in the log (a tandem/1 push): if the document is in
+    /// memory, its actor catches up and syncs them to its peers. Never blocks.
+    pub fn poke(&self, doc: &DocId) {
+        if let Some(h) = lock(&self.docs).get(doc) {
+            h.poke.notify_one();
+        }
+    }
+
+    /// Documents in memory.
+    pub fn loaded(&self) -> usize {
+        lock(&self.docs).len()
+    }
+
+    fn handle(self: &Arc<Self>, doc: DocId) -> mpsc::Sender<DocInput> {
+        let mut docs = lock(&self.docs);
+        if let Some(h) = docs.get(&doc) {
+            return h.tx.clone();
+        }
+        let (tx, rx) = mpsc::channel(self.cfg.doc_queue);
+        let poke = Arc::new(Notify::new());
+        docs.insert(
+            doc,
+            DocHandle {
+                tx: tx.clone(),
+                poke: poke.clone(),
+            },
+        );
+        self.stats.docs_loaded.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(DocActor::new(self.clone(), doc, poke).run(rx));
+        tx
+    }
+
+    /// Hand `input` to `doc`'s actor, starting one if needed (waits while its queue is full).
+    async fn route(self: &Arc<Self>, doc: DocId, mut input: DocInput) {
+        for _ in 0..3 {
+            let tx = self.handle(doc);
+            match tx.send(input).await {
+                Ok(()) => return,
+                // The actor ended just now: forget it and start another.
+                Err(mpsc::error::SendError(back)) => {
+                    input = back;
+                    let mut docs = lock(&self.docs);
+                    if docs.get(&doc).is_some_and(|h| h.tx.same_channel(&tx)) {
+                        docs.remove(&doc);
+                    }
+                }
+            }
+        }
+        tracing::error!(%doc, "could not reach a document actor");
+    }
+
+    /// Like [`route`](Self::route), but only to an actor that exists (ephemeral messages and
+    /// goodbyes need no document loaded).
+    async fn route_existing(&self, doc: DocId, input: DocInput) {
+        let tx = lock(&self.docs).get(&doc).map(|h| h.tx.clone());
+        if let Some(tx) = tx {
+            let _ = tx.send(input).await;
+        }
+    }
+}
+
+struct DocActor {
+    relay: Arc<AmRelay>,
+    id: DocId,
+    poke: Arc<Notify>,
+    sync: DocSync<u64>,
+    peers: HashMap<u64, Arc<PeerCtx>>,
+    /// The document's namespace once known (from the log, or from the peer that created it).
+    namespace: Option<String>,
+    /// The log seq this copy has read up to.
+    seen: u64,
+    loaded: bool,
+}
+
+impl DocActor {
+    fn new(relay: Arc<AmRelay>, id: DocId, poke: Arc<Notify>) -> DocActor {
+        DocActor {
+            relay,
+            id,
+            poke,
+            sync: DocSync::default(),
+            peers: HashMap::new(),
+            namespace: None,
+            seen: 0,
+            loaded: false,
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<DocInput>) {
+        let idle = self.relay.cfg.doc_idle;
+        loop {
+            let mut batch = Vec::new();
+            let mut poked = false;
+            tokio::select! {
+                m = rx.recv() => match m {
+                    Some(m) => batch.push(m),
+                    None => break,
+                },
+                _ = self.poke.notified() => poked = true,
+                _ = tokio::time::sleep(idle) => {
+                    if self.peers.is_empty() && self.try_retire(&mut rx) {
+                        return;
+                    }
+                    continue;
+                }
+            }
+            while batch.len() < self.relay.cfg.doc_batch {
+                match rx.try_recv() {
+                    Ok(m) => batch.push(m),
+                    Err(_) => break,
+                }
+            }
+            self.round(batch, poked || !self.loaded).await;
+        }
+        lock(&self.relay.docs).remove(&self.id);
+    }
+
+    /// Leave memory if nothing is queued. Inputs that slip in between are handed to a new
+    /// actor.
+    fn try_retire(&mut self, rx: &mut mpsc::Receiver<DocInput>) -> bool {
+        {
+            let mut docs = lock(&self.relay.docs);
+            if !rx.is_empty() {
+                return false;
+            }
+            docs.remove(&self.id);
+        }
+        rx.close();
+        let mut late = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            late.push(m);
+        }
+        if !late.is_empty() {
+            let relay = self.relay.clone();
+            let id = self.id;
+            tokio::spawn(async move {
+                for m in late {
+                    relay.route(id, m).await;
+                }
+            });
+        }
+        true
+    }
+
+    /// Read the log after what this copy has seen and apply it in one go.
+    async fn catch_up(&mut self) -> Result<(), String> {
+        let log = self.relay.log.clone();
+        let (id, after, page) = (self.id, self.seen, self.relay.cfg.page_bytes);
+        let pages = tokio::task::spawn_blocking(move || {
+            let mut pages = Vec::new();
+            let mut after = after;
+            // Bounded: a log has finitely many pages, and each moves `after` forward.
+            for _ in 0..1_000_000 {
+                let p = log.pull(&id, after, page).map_err(|e| e.to_string())?;
+                let more = p.more;
+                after = p.to.max(after);
+                pages.push(p);
+                if !more {
+                    break;
+                }
+            }
+            Ok::<_, String>(pages)
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        for p in pages {
+            if !p.namespace.is_empty() {
+                self.namespace = Some(p.namespace.clone());
+            }
+            if p.changes.is_empty() && p.snapshot.is_none() {
+                continue;
+            }
+            self.sync
+                .apply_log(p.snapshot.as_ref().map(|(_, s)| &s[..]), &p.changes)?;
+            self.seen = self.seen.max(p.to);
+        }
+        self.loaded = true;
+        Ok(())
+    }
+
+    fn error_to(&self, peer: &PeerCtx, message: &str) {
+        self.relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+        peer.out.send(wire::error(
+            &self.relay.peer_id,
+            Some(&peer.out.peer_id),
+            message,
+        ));
+    }
+
+    async fn round(&mut self, batch: Vec<DocInput>, catch_up: bool) {
+        if catch_up {
+            if let Err(e) = self.catch_up().await {
+                tracing::error!(doc = %self.id, error = %e, "could not load a document for automerge-repo peers");
+                for input in &batch {
+                    if let DocInput::Sync { peer, .. } = input {
+                        self.error_to(peer, "the relay could not load this document");
+                    }
+                }
+                self.sync.reload();
+                self.loaded = false;
+                self.seen = 0;
+                return;
+            }
+        }
+        let before = self.sync.heads();
+        let mut writers: Vec<Arc<PeerCtx>> = Vec::new();
+        let mut unavailable: Vec<Arc<PeerCtx>> = Vec::new();
+        for input in batch {
+            match input {
+                DocInput::Sync { peer, msg, request } => {
+                    let ns = self
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| peer.new_ns.clone());
+                    if !peer.can_read(&ns) {
+                        self.error_to(&peer, &format!("this token cannot read namespace '{ns}'"));
+                        continue;
+                    }
+                    let write = msg.has_changes && peer.can_write(&ns);
+                    if msg.has_changes && !write {
+                        self.error_to(
+                            &peer,
+                            &format!("this token cannot write namespace '{ns}'; changes ignored"),
+                        );
+                    }
+                    if write {
+                        writers.push(peer.clone());
+                    }
+                    let conn = peer.conn;
+                    self.peers.insert(conn, peer.clone());
+                    if let Err(e) = self.sync.receive(conn, msg, write) {
+                        self.error_to(&peer, &format!("sync message refused: {e}"));
+                        continue;
+                    }
+                    if request && self.sync.is_empty() && !write {
+                        unavailable.push(peer);
+                    }
+                }
+                DocInput::Ephemeral { conn, raw } => {
+                    for (c, p) in &self.peers {
+                        if *c != conn {
+                            p.out.send(wire::readdress(&raw, &p.out.peer_id));
+                        }
+                    }
+                }
+                DocInput::Gone { conn } => {
+                    self.peers.remove(&conn);
+                    self.sync.remove_peer(conn);
+                }
+            }
+        }
+        // "Nobody has it": say so, and forget the asker until it asks again.
+        if self.sync.is_empty() {
+            for p in unavailable {
+                self.peers.remove(&p.conn);
+                self.sync.remove_peer(p.conn);
+                p.out.send(wire::doc_unavailable(
+                    &self.relay.peer_id,
+                    &p.out.peer_id,
+                    &self.id,
+                ));
+            }
+        }
+        let new = self.sync.changes_since(&before);
+        if !new.is_empty() {
+            let ns = self
+                .namespace
+                .clone()
+                .or_else(|| writers.first().map(|p| p.new_ns.clone()))
+                .unwrap_or_else(|| crate::repo::DEFAULT_NAMESPACE.to_string());
+            if let Err(e) = self.persist(&ns, new).await {
+                tracing::warn!(doc = %self.id, error = %e, "changes from an automerge-repo peer were refused");
+                for p in &writers {
+                    self.error_to(p, &format!("changes refused: {e}"));
+                }
+                // The copy holds changes the log refused: rebuild it from the log.
+                self.sync.reload();
+                self.seen = 0;
+                if let Err(e) = self.catch_up().await {
+                    tracing::error!(doc = %self.id, error = %e, "could not reload a document");
+                    self.loaded = false;
+                    return;
+                }
+            } else {
+                self.namespace = Some(ns);
+            }
+        }
+        for (conn, data) in self.sync.outgoing() {
+            if let Some(p) = self.peers.get(&conn) {
+                self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
+                p.out.send(wire::sync(
+                    &self.relay.peer_id,
+                    &p.out.peer_id,
+                    &self.id,
+                    data,
+                ));
+            }
+        }
+    }
+
+    /// Append `changes` to the log and wait until they are durable; then fan them out to
+    /// tandem/1 connections.
+    async fn persist(&mut self, ns: &str, changes: Vec<Vec<u8>>) -> Result<(), String> {
+        if !valid_namespace(ns) {
+            return Err(format!("'{ns}' is not a valid namespace"));
+        }
+        let log = self.relay.log.clone();
+        let (id, namespace) = (self.id, ns.to_string());
+        let pushed = tokio::task::spawn_blocking(move || {
+            let p = log
+                .append(&namespace, &id, &changes)
+                .map_err(|e| e.to_string())?;
+            log.durable().map_err(|e| e.to_string())?;
+            let compact = !p.new_changes.is_empty() && log.wants_compaction(&id);
+            Ok::<_, String>((p, compact))
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        let (pushed, compact) = pushed?;
+        if pushed.new_changes.is_empty() {
+            return Ok(());
+        }
+        let n = pushed.new_changes.len() as u64;
+        self.relay
+            .stats
+            .changes_stored
+            .fetch_add(n, Ordering::Relaxed);
+        let to = pushed.new_from + n - 1;
+        if pushed.new_from == self.seen + 1 {
+            self.seen = to;
+        }
+        (self.relay.fanout)(
+            ns,
+            self.id,
+            RelayMsg::Changes {
+                doc: self.id,
+                namespace: ns.to_string(),
+                from: pushed.new_from,
+                to,
+                changes: pushed.new_changes,
+                more: false,
+                remaining_bytes: 0,
+            },
+        );
+        if compact {
+            let log = self.relay.log.clone();
+            let id = self.id;
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = log.compact(&id) {
+                    tracing::error!(doc = %id, error = %e, "compaction failed");
+                }
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Serve one upgraded `/automerge` connection. `auth` is the outcome of the token check of the
+/// upgrade request; `ns` the namespace for documents this peer creates (from `?namespace=`).
+pub async fn serve(
+    relay: Arc<AmRelay>,
+    socket: WebSocket,
+    auth: Result<Option<Claims>, AuthError>,
+    ns: Option<String>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let cfg = relay.cfg.clone();
+    let limits = DecodeLimits::default();
+    let (mut sink, mut stream) = socket.split();
+    let me = relay.peer_id.clone();
+    let refuse = |target: Option<&str>, message: &str| {
+        Message::Binary(Bytes::from(wire::error(&me, target, message)))
+    };
+    let claims = match auth {
+        Ok(c) => c,
+        Err(e) => {
+            relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = sink.send(refuse(None, &e.to_string())).await;
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    let new_ns = match (ns, &claims) {
+        (Some(n), _) => n,
+        (None, Some(c)) => c
+            .write
+            .first()
+            .cloned()
+            .unwrap_or_else(|| crate::repo::DEFAULT_NAMESPACE.to_string()),
+        (None, None) => crate::repo::DEFAULT_NAMESPACE.to_string(),
+    };
+    // Handshake: a join within the timeout.
+    let first = tokio::time::timeout(cfg.handshake_timeout, stream.next()).await;
+    let (peer_id, versions) = match first {
+        Ok(Some(Ok(Message::Binary(b)))) => match wire::decode(&b, limits) {
+            Ok(AmMsg::Join {
+                sender, versions, ..
+            }) => (sender, versions),
+            Ok(_) => {
+                let _ = sink.send(refuse(None, "expected a join first")).await;
+                let _ = sink.close().await;
+                return;
+            }
+            Err((e, sender)) => {
+                let _ = sink.send(refuse(sender.as_deref(), &e.to_string())).await;
+                let _ = sink.close().await;
+                return;
+            }
+        },
+        _ => {
+            let _ = sink.close().await;
+            return;
+        }
+    };
+    if versions.is_some_and(|v| !v.iter().any(|v| v == PROTOCOL_VERSION)) {
+        let _ = sink
+            .send(refuse(Some(&peer_id), "unsupported protocol version"))
+            .await;
+        let _ = sink.close().await;
+        return;
+    }
+    relay.stats.connections.fetch_add(1, Ordering::Relaxed);
+    let (tx, mut rx) = mpsc::channel::<Message>(cfg.outgoing_queue);
+    let close = Arc::new(Notify::new());
+    let ctx = Arc::new(PeerCtx {
+        conn: relay.next_conn.fetch_add(1, Ordering::Relaxed),
+        out: PeerOut {
+            peer_id: peer_id.clone(),
+            tx: tx.clone(),
+            close: close.clone(),
+        },
+        claims,
+        new_ns,
+    });
+    ctx.out
+        .send(wire::peer(&relay.peer_id, &peer_id, &relay.storage_id));
+    let writer = tokio::spawn(async move {
+        while let Some(frame) = rx.recv().await {
+            if sink.send(frame).await.is_err() {
+                break;
+            }
+        }
+        let _ = sink.close().await;
+    });
+    let mut docs: HashSet<DocId> = HashSet::new();
+    let mut ping = tokio::time::interval(cfg.ping_every);
+    ping.reset();
+    loop {
+        let frame = tokio::select! {
+            f = tokio::time::timeout(cfg.idle_timeout, stream.next()) => f,
+            _ = ping.tick() => {
+                let _ = tx.try_send(Message::Ping(Bytes::new()));
+                continue;
+            }
+            _ = close.notified() => break,
+            _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
+        };
+        let bytes = match frame {
+            Ok(Some(Ok(Message::Binary(b)))) => b,
+            Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => continue,
+            Ok(Some(Ok(Message::Text(_)))) => {
+                ctx.out.send(wire::error(
+                    &relay.peer_id,
+                    Some(&peer_id),
+                    "text frames are not part of the protocol; send binary CBOR",
+                ));
+                break;
+            }
+            _ => break,
+        };
+        relay.stats.sync_in.fetch_add(1, Ordering::Relaxed);
+        let msg = match wire::decode(&bytes, limits) {
+            Ok(m) => m,
+            Err((e, _)) => {
+                relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+                ctx.out
+                    .send(wire::error(&relay.peer_id, Some(&peer_id), &e.to_string()));
+                // A frame that is not even a CBOR map says the peer speaks something else.
+                if matches!(e, WireError::Cbor(_) | WireError::NotAMap) {
+                    break;
+                }
+                continue;
+            }
+        };
+        match msg {
+            AmMsg::Join { sender, .. } if sender == peer_id => {
+                ctx.out
+                    .send(wire::peer(&relay.peer_id, &peer_id, &relay.storage_id));
+            }
+            AmMsg::Leave { .. } => break,
+            // As automerge-repo's own server does: frames from another sender id are dropped.
+            AmMsg::Sync { ref sender, .. } | AmMsg::Ephemeral { ref sender, .. }
+                if *sender != peer_id => {}
+            AmMsg::Sync {
+                doc, data, request, ..
+            } => {
+                if !docs.contains(&doc) && docs.len() >= cfg.max_docs_per_connection {
+                    ctx.out.send(wire::error(
+                        &relay.peer_id,
+                        Some(&peer_id),
+                        &format!(
+                            "a connection may sync at most {} documents",
+                            cfg.max_docs_per_connection
+                        ),
+                    ));
+                    continue;
+                }
+                match check_sync_message(&data) {
+                    Ok(msg) => {
+                        docs.insert(doc);
+                        relay
+                            .route(
+                                doc,
+                                DocInput::Sync {
+                                    peer: ctx.clone(),
+                                    msg,
+                                    request,
+                                },
+                            )
+                            .await;
+                    }
+                    Err(e) => {
+                        relay.stats.refused.fetch_add(1, Ordering::Relaxed);
+                        ctx.out
+                            .send(wire::error(&relay.peer_id, Some(&peer_id), &e));
+                    }
+                }
+            }
+            AmMsg::Ephemeral { doc, raw, .. } => {
+                relay
+                    .route_existing(
+                        doc,
+                        DocInput::Ephemeral {
+                            conn: ctx.conn,
+                            raw,
+                        },
+                    )
+                    .await;
+            }
+            AmMsg::Join { .. } | AmMsg::RemoteSubscriptionChange { .. } | AmMsg::Ignored { .. } => {
+            }
+        }
+    }
+    for doc in docs {
+        relay
+            .route_existing(doc, DocInput::Gone { conn: ctx.conn })
+            .await;
+    }
+    relay.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(tx);
+    drop(ctx);
+    let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
+}
