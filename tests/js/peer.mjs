@@ -91,7 +91,8 @@ function state(handle) {
   const doc = handle.doc()
   return {
     id: handle.documentId,
-    value: JSON.parse(JSON.stringify(doc)),
+    // Unsigned integers (tandem's `_schema`) come out as BigInt, which JSON cannot hold.
+    value: JSON.parse(JSON.stringify(doc, (_, v) => (typeof v === "bigint" ? Number(v) : v))),
     heads: A.getHeads(doc),
     titleConflicts: Object.keys(A.getConflicts(doc, "title") ?? {}).length,
   }

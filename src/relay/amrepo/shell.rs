@@ -397,7 +397,13 @@ impl DocActor {
                         .clone()
                         .unwrap_or_else(|| peer.new_ns.clone());
                     if !peer.can_read(&ns) {
+                        // The error says why; `doc-unavailable` lets the client's `find` end.
                         self.error_to(&peer, &format!("this token cannot read namespace '{ns}'"));
+                        peer.out.send(wire::doc_unavailable(
+                            &self.relay.peer_id,
+                            &peer.out.peer_id,
+                            &self.id,
+                        ));
                         continue;
                     }
                     let write = msg.has_changes && peer.can_write(&ns);
