@@ -37,6 +37,11 @@ struct JsPeer {
 
 impl JsPeer {
     fn start(url: &str, storage: Option<&Path>) -> JsPeer {
+        JsPeer::start_with(url, storage, false)
+    }
+
+    /// `remote_heads`: with automerge-repo's remote heads gossiping on.
+    fn start_with(url: &str, storage: Option<&Path>, remote_heads: bool) -> JsPeer {
         assert!(
             js_dir()
                 .join("node_modules/@automerge/automerge-repo")
@@ -47,6 +52,9 @@ impl JsPeer {
         cmd.arg(js_dir().join("peer.mjs")).arg(url);
         if let Some(dir) = storage {
             cmd.arg(dir);
+        }
+        if remote_heads {
+            cmd.env("REMOTE_HEADS", "1");
         }
         let mut child = cmd
             .current_dir(js_dir())
@@ -461,6 +469,33 @@ async fn hostile_cbor_gets_an_error_or_a_close_and_other_peers_carry_on() {
     let mut b = JsPeer::start(&relay.am(), None);
     let found = b.cmd(json!({"op": "find", "id": id}));
     assert_eq!(found["value"]["title"], "still calm");
+    a.exit();
+    b.exit();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_hear_when_a_storage_peer_s_heads_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), None);
+    let mut a = JsPeer::start_with(&relay.am(), None, true);
+    let mut b = JsPeer::start_with(&relay.am(), Some(&dir.path().join("js-b")), true);
+    let id = a.cmd(json!({"op": "create", "value": {"title": "watched"}}))["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    a.cmd(json!({"op": "acked", "id": id}));
+    b.cmd(json!({"op": "find", "id": id}));
+    let b_storage = b.cmd(json!({"op": "storageId"}))["storageId"].clone();
+    assert!(b_storage.is_string());
+    a.cmd(json!({"op": "subscribeRemotes", "storageIds": [b_storage]}));
+    // A round trip on A's connection: the relay has taken the subscription once this is acked.
+    a.cmd(json!({"op": "change", "id": id, "set": {"n": 1}}));
+    a.cmd(json!({"op": "acked", "id": id}));
+    b.cmd(json!({"op": "waitField", "id": id, "field": "n", "value": 1}));
+    b.cmd(json!({"op": "change", "id": id, "set": {"title": "seen by B"}}));
+    b.cmd(json!({"op": "acked", "id": id}));
+    let heads = b.cmd(json!({"op": "encodedHeads", "id": id}))["heads"].clone();
+    a.cmd(json!({"op": "waitRemoteHeads", "id": id, "storageId": b_storage, "heads": heads}));
     a.exit();
     b.exit();
 }

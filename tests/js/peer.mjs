@@ -1,6 +1,6 @@
 // A scripted automerge-repo peer for tandem's interop tests (tests/it/amrepo.rs).
 //
-//   node peer.mjs <ws-url> [storage-dir]
+//   node peer.mjs <ws-url> [storage-dir]      (REMOTE_HEADS=1: remote heads gossiping on)
 //
 // Reads one JSON command per line on stdin and answers each with one JSON line on stdout
 // ({"ok": true, ...} or {"error": "..."}). Waits are event-driven with a timeout, never sleeps.
@@ -20,6 +20,7 @@ const repo = new Repo({
   network: [new WebSocketClientAdapter(url, 500)],
   storage: storageDir ? new NodeFSStorageAdapter(storageDir) : undefined,
   sharePolicy: async () => true,
+  enableRemoteHeadsGossiping: process.env.REMOTE_HEADS === "1",
 })
 
 const handles = new Map()
@@ -150,6 +151,21 @@ async function run(cmd) {
       await waitFor(`heads ${cmd.heads}`, () => sameSet(A.getHeads(h.doc()), cmd.heads))
       return state(h)
     }
+    case "storageId":
+      return { storageId: await repo.storageId() }
+    case "subscribeRemotes":
+      repo.subscribeToRemotes(cmd.storageIds)
+      return {}
+    case "waitRemoteHeads": {
+      const h = handles.get(cmd.id)
+      await waitFor(`the heads of storage ${cmd.storageId}`, () => {
+        const info = h.getSyncInfo(cmd.storageId)
+        return info && sameSet(info.lastHeads, cmd.heads)
+      })
+      return {}
+    }
+    case "encodedHeads":
+      return { heads: handles.get(cmd.id).heads() }
     case "get":
       return state(handles.get(cmd.id))
     case "broadcast":

@@ -175,6 +175,12 @@ impl<P: Ord + Copy> DocSync<P> {
         }
     }
 
+    /// Drop the document from memory, keeping the peers' sync states: they stay valid, since
+    /// the copy is rebuilt from the log, which holds everything it had.
+    pub fn unload(&mut self) {
+        self.doc = Automerge::new();
+    }
+
     /// Replace the document (keeping the peers, whose states start over).
     pub fn reload(&mut self) {
         self.doc = Automerge::new();

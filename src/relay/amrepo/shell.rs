@@ -11,7 +11,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket};
@@ -45,7 +45,10 @@ pub struct AmConfig {
     pub doc_queue: usize,
     /// Inputs one actor round takes at most.
     pub doc_batch: usize,
-    /// A document with no peers leaves memory after this long.
+    /// A document nobody sent anything about for this long leaves memory (its peers' sync
+    /// states stay; it is loaded again from the log when needed)...
+    pub doc_unload: Duration,
+    /// ...and with no peers left, its actor ends after this long.
     pub doc_idle: Duration,
     /// Bytes per log page when loading a document.
     pub page_bytes: u64,
@@ -62,6 +65,7 @@ impl Default for AmConfig {
             outgoing_queue: 1024,
             doc_queue: 256,
             doc_batch: 256,
+            doc_unload: Duration::from_secs(10),
             doc_idle: Duration::from_secs(30),
             page_bytes: 4 << 20,
         }
@@ -78,6 +82,9 @@ pub struct AmStats {
     pub changes_stored: AtomicU64,
     pub refused: AtomicU64,
 }
+
+/// Most storage ids one peer may subscribe to.
+const MAX_SUBSCRIPTIONS: usize = 1024;
 
 /// How a peer is reached.
 #[derive(Clone)]
@@ -105,6 +112,11 @@ struct PeerCtx {
     claims: Option<Claims>,
     /// Namespace for documents this peer creates.
     new_ns: String,
+    /// The peer's storage id, when it has storage (not ephemeral): the relay tells peers who
+    /// subscribed to it when that storage's heads of a document change.
+    storage_id: Option<String>,
+    /// Storage ids this peer subscribed to (`remote-subscription-change`).
+    subscribed: Mutex<HashSet<String>>,
 }
 
 impl PeerCtx {
@@ -271,8 +283,9 @@ impl DocActor {
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<DocInput>) {
-        let idle = self.relay.cfg.doc_idle;
+        let (unload, idle) = (self.relay.cfg.doc_unload, self.relay.cfg.doc_idle);
         loop {
+            let wait = if self.loaded { unload } else { idle };
             let mut batch = Vec::new();
             let mut poked = false;
             tokio::select! {
@@ -281,8 +294,12 @@ impl DocActor {
                     None => break,
                 },
                 _ = self.poke.notified() => poked = true,
-                _ = tokio::time::sleep(idle) => {
-                    if self.peers.is_empty() && self.try_retire(&mut rx) {
+                _ = tokio::time::sleep(wait) => {
+                    if self.loaded {
+                        self.sync.unload();
+                        self.loaded = false;
+                        self.seen = 0;
+                    } else if self.peers.is_empty() && self.try_retire(&mut rx) {
                         return;
                     }
                     continue;
@@ -293,6 +310,10 @@ impl DocActor {
                     Ok(m) => batch.push(m),
                     Err(_) => break,
                 }
+            }
+            if batch.is_empty() && self.peers.is_empty() {
+                // A poke for a document nobody here syncs any more: nothing to load for.
+                continue;
             }
             self.round(batch, poked || !self.loaded).await;
         }
@@ -388,6 +409,8 @@ impl DocActor {
         }
         let before = self.sync.heads();
         let mut writers: Vec<Arc<PeerCtx>> = Vec::new();
+        // Storage peers whose heads changed: (storage id, the peer's connection).
+        let mut moved: Vec<(String, u64)> = Vec::new();
         let mut unavailable: Vec<Arc<PeerCtx>> = Vec::new();
         for input in batch {
             match input {
@@ -418,9 +441,15 @@ impl DocActor {
                     }
                     let conn = peer.conn;
                     self.peers.insert(conn, peer.clone());
+                    let their_before = self.sync.their_heads(conn).map(<[_]>::to_vec);
                     if let Err(e) = self.sync.receive(conn, msg, write) {
                         self.error_to(&peer, &format!("sync message refused: {e}"));
                         continue;
+                    }
+                    if let Some(sid) = &peer.storage_id {
+                        if self.sync.their_heads(conn) != their_before.as_deref() {
+                            moved.push((sid.clone(), conn));
+                        }
                     }
                     if request && self.sync.is_empty() && !write {
                         unavailable.push(peer);
@@ -475,6 +504,7 @@ impl DocActor {
                 self.namespace = Some(ns);
             }
         }
+        self.gossip_heads(moved);
         for (conn, data) in self.sync.outgoing() {
             if let Some(p) = self.peers.get(&conn) {
                 self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
@@ -484,6 +514,34 @@ impl DocActor {
                     &self.id,
                     data,
                 ));
+            }
+        }
+    }
+
+    /// Tell the peers subscribed to a storage id that its heads of this document moved (what
+    /// automerge-repo calls remote heads gossiping; peers opt in).
+    fn gossip_heads(&self, moved: Vec<(String, u64)>) {
+        if moved.is_empty() {
+            return;
+        }
+        let now = SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for (sid, from) in moved {
+            let Some(heads) = self.sync.their_heads(from) else {
+                continue;
+            };
+            for (conn, p) in &self.peers {
+                if *conn != from && lock(&p.subscribed).contains(&sid) {
+                    p.out.send(wire::remote_heads_changed(
+                        &self.relay.peer_id,
+                        &p.out.peer_id,
+                        &self.id,
+                        &sid,
+                        heads,
+                        now,
+                    ));
+                }
             }
         }
     }
@@ -581,11 +639,14 @@ pub async fn serve(
     };
     // Handshake: a join within the timeout.
     let first = tokio::time::timeout(cfg.handshake_timeout, stream.next()).await;
-    let (peer_id, versions) = match first {
+    let (peer_id, versions, storage_id) = match first {
         Ok(Some(Ok(Message::Binary(b)))) => match wire::decode(&b, limits) {
             Ok(AmMsg::Join {
-                sender, versions, ..
-            }) => (sender, versions),
+                sender,
+                versions,
+                storage_id,
+                is_ephemeral,
+            }) => (sender, versions, storage_id.filter(|_| !is_ephemeral)),
             Ok(_) => {
                 let _ = sink.send(refuse(None, "expected a join first")).await;
                 let _ = sink.close().await;
@@ -621,6 +682,8 @@ pub async fn serve(
         },
         claims,
         new_ns,
+        storage_id,
+        subscribed: Mutex::new(HashSet::new()),
     });
     ctx.out
         .send(wire::peer(&relay.peer_id, &peer_id, &relay.storage_id));
@@ -727,8 +790,18 @@ pub async fn serve(
                     )
                     .await;
             }
-            AmMsg::Join { .. } | AmMsg::RemoteSubscriptionChange { .. } | AmMsg::Ignored { .. } => {
+            AmMsg::RemoteSubscriptionChange { add, remove, .. } => {
+                let mut subs = lock(&ctx.subscribed);
+                for sid in remove {
+                    subs.remove(&sid);
+                }
+                for sid in add {
+                    if subs.len() < MAX_SUBSCRIPTIONS {
+                        subs.insert(sid);
+                    }
+                }
             }
+            AmMsg::Join { .. } | AmMsg::Ignored { .. } => {}
         }
     }
     for doc in docs {
