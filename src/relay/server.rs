@@ -23,6 +23,7 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
@@ -173,6 +174,13 @@ pub async fn start(
     let log = Arc::new(log);
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
+    // Frames are small and written one by one (write buffer 0): without TCP_NODELAY, Nagle
+    // holds each one back until the peer's delayed ACK, tens of milliseconds per round trip.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let (stop, shutdown) = watch::channel(false);
     let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
         let weak = weak.clone();

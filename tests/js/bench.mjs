@@ -2,7 +2,11 @@
 // automerge-repo's own Node sync server (js-server.mjs). Not part of CI; see
 // docs/automerge-repo.md for the command and the figures.
 //
-//   node bench.mjs --tandem ../../target/release/tandem [--docs 2000] [--clients 4]
+//   node bench.mjs --tandem ../../target/release/tandem [--docs 2000] [--clients 4] [--thin]
+//
+// The clients are automerge-repo `Repo`s with the WebSocket client adapter; with `--thin` they
+// are scripted protocol clients instead (see thinWorker), so that the clients' own cost, which
+// dominates on a small machine, does not hide the servers'.
 //
 // Phase "create": client processes create the documents and wait until the server has
 // acknowledged every one (the server's storageId sync state equals the document's heads).
@@ -25,7 +29,9 @@ const opt = (name, dflt) => {
 }
 const TIMEOUT_MS = Number(process.env.BENCH_TIMEOUT_MS ?? 300_000)
 
-if (args[0] === "--worker") {
+if (args[0] === "--worker" && args[1].startsWith("thin-")) {
+  await thinWorker(args[1].slice(5), args[2], JSON.parse(args[3]))
+} else if (args[0] === "--worker") {
   await worker(args[1], args[2], JSON.parse(args[3]))
 } else {
   await main()
@@ -81,7 +87,94 @@ async function worker(mode, url, job) {
   }
   const ms = performance.now() - t0
   clearTimeout(deadline)
-  process.stdout.write(JSON.stringify({ ms, ids }) + "\n", () => process.exit(0))
+  const u = process.cpuUsage()
+  const cpuS = (u.user + u.system) / 1e6
+  process.stdout.write(JSON.stringify({ ms, ids, cpuS }) + "\n", () => process.exit(0))
+}
+
+// One WebSocket, the protocol by hand, scripted so that the client does almost no work while
+// it is timed. Before the clock starts it makes each document and the two sync messages a
+// client sends to a server that lacks it (first its heads, then the change), by syncing with
+// a local empty document. Timed: send the first message of every document, answer the
+// server's reply with the second, and count the document acknowledged when a reply's heads
+// cover ours. Find: send automerge-repo's `request` (an empty document's first message) and
+// count the document found when a reply carries its changes.
+async function thinWorker(mode, url, job) {
+  const A = await import("@automerge/automerge")
+  const { cbor, generateAutomergeUrl, parseAutomergeUrl } = await import("@automerge/automerge-repo")
+  const { default: WebSocket } = await import("ws")
+  const me = `thin-${Math.random().toString(36).slice(2)}`
+  const body = "lorem ipsum dolor sit amet ".repeat(8)
+  const docs = new Map() // documentId -> { first, second, heads, step }
+  let ids = []
+  if (mode === "create") {
+    for (let i = 0; i < job.n; i++) {
+      const id = parseAutomergeUrl(generateAutomergeUrl()).documentId
+      const doc = A.from({ title: `doc ${job.base + i}`, body, n: i, tags: ["bench"] })
+      let [st, first] = A.generateSyncMessage(doc, A.initSyncState())
+      let [srv, sst] = A.receiveSyncMessage(A.init(), A.initSyncState(), first)
+      const [, reply] = A.generateSyncMessage(srv, sst)
+      // Without the capability flags, as a server that only takes version 1 answers.
+      const { heads, need, have, changes } = A.decodeSyncMessage(reply)
+      ;[, st] = A.receiveSyncMessage(doc, st, A.encodeSyncMessage({ heads, need, have, changes }))
+      const [, second] = A.generateSyncMessage(doc, st)
+      ids.push(id)
+      docs.set(id, { first, second, heads: A.getHeads(doc), step: 0 })
+    }
+  } else {
+    const [, request] = A.generateSyncMessage(A.init(), A.initSyncState())
+    ids = job.ids
+    for (const id of ids) docs.set(id, { first: request, step: 0 })
+  }
+  const ws = new WebSocket(url)
+  ws.binaryType = "arraybuffer"
+  const deadline = setTimeout(() => {
+    console.error(`thin worker ${mode} timed out`)
+    process.exit(2)
+  }, TIMEOUT_MS)
+  await new Promise(r => ws.once("open", r))
+  const send = m => ws.send(cbor.encode({ ...m, senderId: me }))
+  let server
+  let pending = ids.length
+  let finish
+  const finished = new Promise(r => (finish = r))
+  const done = d => {
+    d.step = 2
+    if (--pending === 0) finish()
+  }
+  let t0
+  ws.on("message", raw => {
+    const m = cbor.decode(new Uint8Array(raw))
+    if (m.type === "peer") {
+      server = m.senderId
+      t0 = performance.now()
+      for (const [id, d] of docs) {
+        send({ type: mode === "create" ? "sync" : "request", targetId: server, documentId: id, data: d.first })
+      }
+    } else if (m.type === "sync") {
+      const d = docs.get(m.documentId)
+      if (d.step === 2) return
+      const msg = A.decodeSyncMessage(m.data)
+      if (mode === "create") {
+        if (d.heads.every(h => msg.heads.includes(h))) done(d)
+        else if (d.step === 0) {
+          d.step = 1
+          send({ type: "sync", targetId: server, documentId: m.documentId, data: d.second })
+        }
+      } else if (msg.changes.length > 0) done(d)
+    } else if (m.type === "doc-unavailable" || m.type === "error") {
+      console.error(`thin worker: ${JSON.stringify(m)}`)
+      process.exit(3)
+    }
+  })
+  send({ type: "join", peerMetadata: { isEphemeral: true }, supportedProtocolVersions: ["1"] })
+  await finished
+  const ms = performance.now() - t0
+  clearTimeout(deadline)
+  ws.close()
+  const u = process.cpuUsage()
+  const cpuS = (u.user + u.system) / 1e6
+  process.stdout.write(JSON.stringify({ ms, ids, cpuS }) + "\n", () => process.exit(0))
 }
 
 function rss(pid) {
@@ -127,6 +220,7 @@ function startServer(kind, dir) {
 }
 
 function runWorker(mode, url, job) {
+  if (args.includes("--thin")) mode = `thin-${mode}`
   return new Promise((resolve, reject) => {
     const child = spawn(process.execPath, [fileURLToPath(import.meta.url), "--worker", mode, url, JSON.stringify(job)], {
       cwd: here,
@@ -166,12 +260,14 @@ async function run(kind, docs, clients) {
   rmSync(dir, { recursive: true, force: true })
   return {
     server: kind,
+    clientKind: args.includes("--thin") ? "thin" : "automerge-repo Repo",
     docs,
     clients,
     createAndAckMs: Math.round(createMs),
     findAllMs: Math.round(findMs),
     wallMs: Math.round(createWallMs + findWallMs),
     serverCpuS: +serverCpuS.toFixed(2),
+    clientCpuS: +[...created, ...found].reduce((a, w) => a + w.cpuS, 0).toFixed(2),
     idleRssMiB: +idle.rss.toFixed(1),
     rssAfterCreateMiB: +afterCreate.rss.toFixed(1),
     peakRssMiB: +peak.toFixed(1),
