@@ -590,7 +590,7 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     let (requests, flushes) = shared.log.flush_counts();
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let am = &shared.amrepo.stats;
-    let rows: [(&str, &str, u64); 24] = [
+    let rows: [(&str, &str, u64); 25] = [
         ("tandem_relay_connections", "gauge", g(&n.connections)),
         (
             "tandem_relay_connections_total",
@@ -657,7 +657,12 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         (
             "tandem_relay_automerge_docs_in_memory",
             "gauge",
-            shared.amrepo.loaded() as u64,
+            g(&am.docs_loaded),
+        ),
+        (
+            "tandem_relay_automerge_doc_actors",
+            "gauge",
+            shared.amrepo.actors() as u64,
         ),
         (
             "tandem_relay_automerge_frames_in_total",

@@ -499,3 +499,44 @@ async fn subscribers_hear_when_a_storage_peer_s_heads_move() {
     a.exit();
     b.exit();
 }
+
+/// One gauge of the relay's /metrics.
+fn metric(addr: SocketAddr, name: &str) -> u64 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(LONG)).unwrap();
+    write!(s, "GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_document_leaves_memory_and_still_gets_live_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    let relay = Relay::start(&dir.path().join("relay"), None);
+    let device = open(&dir.path().join("device"), "rusty", note_schema());
+    let cfg = SyncConfig::new(&relay.v1());
+    let id = device.create("note", json!({"title": "before"})).unwrap();
+    sync_once(&device, cfg.clone(), LONG).await.unwrap();
+    let mut js = JsPeer::start(&relay.am(), None);
+    js.cmd(json!({"op": "find", "id": id.to_string()}));
+    assert_eq!(
+        metric(relay.addr, "tandem_relay_automerge_docs_in_memory"),
+        1
+    );
+    // Unloaded after a second of silence (a small document is cheap to load again); the
+    // peer stays, and so does the document's actor.
+    let deadline = tokio::time::Instant::now() + LONG;
+    while metric(relay.addr, "tandem_relay_automerge_docs_in_memory") != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "never unloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(metric(relay.addr, "tandem_relay_automerge_doc_actors"), 1);
+    device.change(&id, |tx| tx.set("title", "after")).unwrap();
+    sync_once(&device, cfg, LONG).await.unwrap();
+    js.cmd(json!({"op": "waitField", "id": id.to_string(), "field": "title", "value": "after"}));
+    js.exit();
+}

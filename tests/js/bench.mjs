@@ -181,7 +181,7 @@ function rss(pid) {
   try {
     const s = readFileSync(`/proc/${pid}/status`, "utf8")
     const kb = k => Number((s.match(new RegExp(`${k}:\\s+(\\d+)`)) ?? [0, 0])[1])
-    return { rss: kb("VmRSS") / 1024, hwm: kb("VmHWM") / 1024 }
+    return { rss: kb("VmRSS") / 1024, hwm: kb("VmHWM") / 1024, threads: kb("Threads") }
   } catch {
     return { rss: 0, hwm: 0 }
   }
@@ -272,6 +272,7 @@ async function run(kind, docs, clients) {
     rssAfterCreateMiB: +afterCreate.rss.toFixed(1),
     peakRssMiB: +peak.toFixed(1),
     endRssMiB: +end.rss.toFixed(1),
+    serverThreads: end.threads,
   }
 }
 

@@ -16,7 +16,7 @@ use std::time::{Duration, SystemTime};
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use super::cbor::{DecodeLimits, Value};
 use super::doc::{check_sync_message, CheckedSync, DocSync};
@@ -45,13 +45,19 @@ pub struct AmConfig {
     pub doc_queue: usize,
     /// Inputs one actor round takes at most.
     pub doc_batch: usize,
-    /// A document nobody sent anything about for this long leaves memory (its peers' sync
-    /// states stay; it is loaded again from the log when needed)...
-    pub doc_unload: Duration,
-    /// ...and with no peers left, its actor ends after this long.
-    pub doc_idle: Duration,
+    /// A document nobody sent anything about for a while leaves memory (its peers' sync
+    /// states stay; it is loaded again from the log when needed): after `unload_factor` times
+    /// what loading it took, so reloads cost at most that share of the time, and within
+    /// `unload_min..=unload_max`. An actor with no peers left ends then too.
+    pub unload_factor: u32,
+    pub unload_min: Duration,
+    pub unload_max: Duration,
     /// Bytes per log page when loading a document.
     pub page_bytes: u64,
+    /// Log calls (loads, appends with their flush) in flight at once from document actors.
+    /// Each holds a blocking-pool thread; without a bound, thousands of documents busy at once
+    /// grew the pool to ~200 threads and the RSS with them.
+    pub log_calls: usize,
 }
 
 impl Default for AmConfig {
@@ -65,9 +71,11 @@ impl Default for AmConfig {
             outgoing_queue: 1024,
             doc_queue: 256,
             doc_batch: 256,
-            doc_unload: Duration::from_secs(10),
-            doc_idle: Duration::from_secs(30),
+            unload_factor: 1000,
+            unload_min: Duration::from_secs(1),
+            unload_max: Duration::from_secs(60),
             page_bytes: 4 << 20,
+            log_calls: 32,
         }
     }
 }
@@ -76,6 +84,7 @@ impl Default for AmConfig {
 #[derive(Default)]
 pub struct AmStats {
     pub connections: AtomicU64,
+    /// Documents loaded in memory now (a gauge).
     pub docs_loaded: AtomicU64,
     pub sync_in: AtomicU64,
     pub sync_out: AtomicU64,
@@ -158,6 +167,7 @@ pub struct AmRelay {
     peer_id: String,
     storage_id: String,
     next_conn: AtomicU64,
+    log_calls: Semaphore,
     pub stats: AmStats,
 }
 
@@ -186,10 +196,11 @@ impl AmRelay {
             peer_id: format!("tandem-relay-{}", &storage_id[..8]),
             storage_id,
             log,
-            cfg,
             docs: Mutex::new(HashMap::new()),
             fanout,
             next_conn: AtomicU64::new(1),
+            log_calls: Semaphore::new(cfg.log_calls.max(1)),
+            cfg,
             stats: AmStats::default(),
         }
     }
@@ -202,8 +213,8 @@ impl AmRelay {
         }
     }
 
-    /// Documents in memory.
-    pub fn loaded(&self) -> usize {
+    /// Document actors (each with its document loaded or not).
+    pub fn actors(&self) -> usize {
         lock(&self.docs).len()
     }
 
@@ -221,7 +232,6 @@ impl AmRelay {
                 poke: poke.clone(),
             },
         );
-        self.stats.docs_loaded.fetch_add(1, Ordering::Relaxed);
         tokio::spawn(DocActor::new(self.clone(), doc, poke).run(rx));
         tx
     }
@@ -266,6 +276,8 @@ struct DocActor {
     /// The log seq this copy has read up to.
     seen: u64,
     loaded: bool,
+    /// What the last full load from the log took.
+    load_cost: Duration,
 }
 
 impl DocActor {
@@ -279,13 +291,18 @@ impl DocActor {
             namespace: None,
             seen: 0,
             loaded: false,
+            load_cost: Duration::ZERO,
         }
     }
 
     async fn run(mut self, mut rx: mpsc::Receiver<DocInput>) {
-        let (unload, idle) = (self.relay.cfg.doc_unload, self.relay.cfg.doc_idle);
+        let cfg = self.relay.cfg.clone();
         loop {
-            let wait = if self.loaded { unload } else { idle };
+            let wait = if self.loaded {
+                (self.load_cost * cfg.unload_factor).clamp(cfg.unload_min, cfg.unload_max)
+            } else {
+                cfg.unload_min
+            };
             let mut batch = Vec::new();
             let mut poked = false;
             tokio::select! {
@@ -297,9 +314,10 @@ impl DocActor {
                 _ = tokio::time::sleep(wait) => {
                     if self.loaded {
                         self.sync.unload();
-                        self.loaded = false;
+                        self.set_loaded(false);
                         self.seen = 0;
-                    } else if self.peers.is_empty() && self.try_retire(&mut rx) {
+                    }
+                    if self.peers.is_empty() && self.try_retire(&mut rx) {
                         return;
                     }
                     continue;
@@ -317,7 +335,20 @@ impl DocActor {
             }
             self.round(batch, poked || !self.loaded).await;
         }
-        lock(&self.relay.docs).remove(&self.id);
+        // Every sender is gone, the registry's too: nothing can reach this actor any more.
+        self.set_loaded(false);
+    }
+
+    fn set_loaded(&mut self, loaded: bool) {
+        if loaded != self.loaded {
+            let g = &self.relay.stats.docs_loaded;
+            if loaded {
+                g.fetch_add(1, Ordering::Relaxed);
+            } else {
+                g.fetch_sub(1, Ordering::Relaxed);
+            }
+            self.loaded = loaded;
+        }
     }
 
     /// Leave memory if nothing is queued. Inputs that slip in between are handed to a new
@@ -349,8 +380,12 @@ impl DocActor {
 
     /// Read the log after what this copy has seen and apply it in one go.
     async fn catch_up(&mut self) -> Result<(), String> {
+        let started = std::time::Instant::now();
+        let full = self.seen == 0;
         let log = self.relay.log.clone();
         let (id, after, page) = (self.id, self.seen, self.relay.cfg.page_bytes);
+        let relay = self.relay.clone();
+        let permit = relay.log_calls.acquire().await;
         let pages = tokio::task::spawn_blocking(move || {
             let mut pages = Vec::new();
             let mut after = after;
@@ -368,6 +403,7 @@ impl DocActor {
         })
         .await
         .map_err(|e| e.to_string())??;
+        drop(permit);
         for p in pages {
             if !p.namespace.is_empty() {
                 self.namespace = Some(p.namespace.clone());
@@ -379,7 +415,10 @@ impl DocActor {
                 .apply_log(p.snapshot.as_ref().map(|(_, s)| &s[..]), &p.changes)?;
             self.seen = self.seen.max(p.to);
         }
-        self.loaded = true;
+        self.set_loaded(true);
+        if full {
+            self.load_cost = started.elapsed();
+        }
         Ok(())
     }
 
@@ -402,7 +441,7 @@ impl DocActor {
                     }
                 }
                 self.sync.reload();
-                self.loaded = false;
+                self.set_loaded(false);
                 self.seen = 0;
                 return;
             }
@@ -497,7 +536,7 @@ impl DocActor {
                 self.seen = 0;
                 if let Err(e) = self.catch_up().await {
                     tracing::error!(doc = %self.id, error = %e, "could not reload a document");
-                    self.loaded = false;
+                    self.set_loaded(false);
                     return;
                 }
             } else {
@@ -554,6 +593,7 @@ impl DocActor {
         }
         let log = self.relay.log.clone();
         let (id, namespace) = (self.id, ns.to_string());
+        let permit = self.relay.log_calls.acquire().await;
         let pushed = tokio::task::spawn_blocking(move || {
             let p = log
                 .append(&namespace, &id, &changes)
@@ -564,6 +604,7 @@ impl DocActor {
         })
         .await
         .map_err(|e| e.to_string())?;
+        drop(permit);
         let (pushed, compact) = pushed?;
         if pushed.new_changes.is_empty() {
             return Ok(());
