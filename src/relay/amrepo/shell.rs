@@ -855,3 +855,146 @@ pub async fn serve(
     drop(ctx);
     let _ = tokio::time::timeout(Duration::from_secs(5), writer).await;
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Backend, Batch, Entries, MemoryBackend, StoreError};
+    use automerge::sync::SyncDoc;
+    use automerge::transaction::Transactable;
+    use std::sync::atomic::AtomicBool;
+
+    /// Memory, with flushes that fail while `failing` is set.
+    #[derive(Default)]
+    struct FlakyDisk {
+        mem: MemoryBackend,
+        failing: Arc<AtomicBool>,
+    }
+
+    impl Backend for FlakyDisk {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.mem.get(key)
+        }
+        fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
+            self.mem.scan(prefix)
+        }
+        fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.mem.last(prefix)
+        }
+        fn scan_from(&self, p: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+            self.mem.scan_from(p, start, limit)
+        }
+        fn write(&self, batch: Batch) -> Result<(), StoreError> {
+            self.mem.write(batch)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            if self.failing.load(Ordering::SeqCst) {
+                return Err(StoreError::Io("the disk is gone".into()));
+            }
+            self.mem.sync()
+        }
+    }
+
+    async fn next_frame(rx: &mut mpsc::Receiver<Message>) -> Value {
+        let m = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+            .await
+            .expect("a frame")
+            .expect("the channel is open");
+        let Message::Binary(b) = m else {
+            panic!("expected a binary frame")
+        };
+        super::super::cbor::decode(&b, DecodeLimits::default()).unwrap()
+    }
+
+    fn sync_data(frame: &Value) -> sync::Message {
+        assert_eq!(
+            frame.get("type"),
+            Some(&Value::Text("sync".into())),
+            "{frame:?}"
+        );
+        let Some(Value::Bytes(data)) = frame.get("data") else {
+            panic!("no data")
+        };
+        sync::Message::decode(data).unwrap()
+    }
+
+    use automerge::sync;
+
+    #[tokio::test]
+    async fn heads_are_reported_only_once_durable() {
+        let disk = FlakyDisk::default();
+        let failing = disk.failing.clone();
+        let log = Arc::new(RelayLog::with_backend(Box::new(disk)).unwrap());
+        let fanned = Arc::new(AtomicU64::new(0));
+        let f = fanned.clone();
+        let relay = Arc::new(AmRelay::new(
+            log,
+            AmConfig::default(),
+            Box::new(move |_, _, _| {
+                f.fetch_add(1, Ordering::SeqCst);
+            }),
+        ));
+        let (tx, mut rx) = mpsc::channel(64);
+        let peer = Arc::new(PeerCtx {
+            conn: 1,
+            out: PeerOut {
+                peer_id: "browser".into(),
+                tx,
+                close: Arc::new(Notify::new()),
+            },
+            claims: None,
+            new_ns: "default".into(),
+            storage_id: None,
+            subscribed: Mutex::new(HashSet::new()),
+        });
+        let doc_id = DocId([3; 16]);
+        let mut client = automerge::Automerge::new();
+        let mut t = client.transaction();
+        t.put(automerge::ROOT, "title", "draft").unwrap();
+        t.commit();
+        let ours = client.get_heads();
+        let mut state = sync::State::new();
+        let send = |m: sync::Message| DocInput::Sync {
+            peer: peer.clone(),
+            msg: check_sync_message(&m.encode()).unwrap(),
+            request: false,
+        };
+
+        // Heads first; the relay lacks them and says so.
+        let first = client.generate_sync_message(&mut state).unwrap();
+        relay.route(doc_id, send(first)).await;
+        let reply = sync_data(&next_frame(&mut rx).await);
+        assert!(reply.heads.is_empty());
+        client.receive_sync_message(&mut state, reply).unwrap();
+        let with_change = client.generate_sync_message(&mut state).unwrap();
+        assert_eq!(with_change.changes.len(), 1);
+
+        // The flush fails: an error, and no message that claims the change.
+        failing.store(true, Ordering::SeqCst);
+        relay.route(doc_id, send(with_change.clone())).await;
+        let err = next_frame(&mut rx).await;
+        assert_eq!(err.get("type"), Some(&Value::Text("error".into())));
+        while let Ok(Message::Binary(b)) = rx.try_recv() {
+            let v = super::super::cbor::decode(&b, DecodeLimits::default()).unwrap();
+            if v.get("type") == Some(&Value::Text("sync".into())) {
+                assert!(sync_data(&v).heads.iter().all(|h| !ours.contains(h)));
+            }
+        }
+        assert_eq!(fanned.load(Ordering::SeqCst), 0, "nothing fanned out");
+
+        // The disk is back. A failed flush stays failed for what it covered (nothing written
+        // before it may count as durable) until a later write's flush succeeds; then the
+        // change is durable and the relay reports the heads.
+        failing.store(false, Ordering::SeqCst);
+        let mut other = automerge::AutoCommit::new();
+        other.put(automerge::ROOT, "k", 1).unwrap();
+        let bytes = other.get_changes(&[])[0].raw_bytes().to_vec();
+        relay
+            .log
+            .push("default", &DocId([4; 16]), &[bytes])
+            .unwrap();
+        relay.route(doc_id, send(with_change)).await;
+        let reply = sync_data(&next_frame(&mut rx).await);
+        assert_eq!(reply.heads, ours);
+    }
+}
