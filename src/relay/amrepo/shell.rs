@@ -476,6 +476,9 @@ impl DocActor {
                         );
                     }
                     if write {
+                        // A new document belongs to its first writer's namespace: later
+                        // writers in this round are checked against that one.
+                        self.namespace.get_or_insert(ns);
                         writers.push(peer.clone());
                     }
                     let conn = peer.conn;
@@ -524,23 +527,22 @@ impl DocActor {
             let ns = self
                 .namespace
                 .clone()
-                .or_else(|| writers.first().map(|p| p.new_ns.clone()))
                 .unwrap_or_else(|| crate::repo::DEFAULT_NAMESPACE.to_string());
             if let Err(e) = self.persist(&ns, new).await {
                 tracing::warn!(doc = %self.id, error = %e, "changes from an automerge-repo peer were refused");
                 for p in &writers {
                     self.error_to(p, &format!("changes refused: {e}"));
                 }
-                // The copy holds changes the log refused: rebuild it from the log.
+                // The copy holds changes the log refused: rebuild it from the log (which
+                // also says the namespace, if the document has one by now).
                 self.sync.reload();
                 self.seen = 0;
+                self.namespace = None;
                 if let Err(e) = self.catch_up().await {
                     tracing::error!(doc = %self.id, error = %e, "could not reload a document");
                     self.set_loaded(false);
                     return;
                 }
-            } else {
-                self.namespace = Some(ns);
             }
         }
         self.gossip_heads(moved);
