@@ -5,6 +5,8 @@
 //! with the relay log when poked (a tandem/1 push landed), applies the peers' sync messages,
 //! appends what is new to the log and waits for the group-commit flush, and only then
 //! generates the sync messages to send — so no peer hears of heads the relay could still lose.
+//! A round runs on the blocking pool (sled blocks, and Automerge on a large document takes
+//! long), at most [`AmConfig::rounds`] at once.
 //! The changes a round stored are fanned out to tandem/1 connections like any push. An actor
 //! with no peers left ends after an idle period, dropping the document from memory.
 
@@ -54,10 +56,10 @@ pub struct AmConfig {
     pub unload_max: Duration,
     /// Bytes per log page when loading a document.
     pub page_bytes: u64,
-    /// Log calls (loads, appends with their flush) in flight at once from document actors.
-    /// Each holds a blocking-pool thread; without a bound, thousands of documents busy at once
+    /// Document rounds (log reads, Automerge, appends with their flush) running at once on the
+    /// blocking pool. Each holds a thread; without a bound, thousands of documents busy at once
     /// grew the pool to ~200 threads and the RSS with them.
-    pub log_calls: usize,
+    pub rounds: usize,
 }
 
 impl Default for AmConfig {
@@ -75,7 +77,7 @@ impl Default for AmConfig {
             unload_min: Duration::from_secs(1),
             unload_max: Duration::from_secs(60),
             page_bytes: 4 << 20,
-            log_calls: 32,
+            rounds: 32,
         }
     }
 }
@@ -167,7 +169,7 @@ pub struct AmRelay {
     peer_id: String,
     storage_id: String,
     next_conn: AtomicU64,
-    log_calls: Semaphore,
+    rounds: Semaphore,
     pub stats: AmStats,
 }
 
@@ -199,7 +201,7 @@ impl AmRelay {
             docs: Mutex::new(HashMap::new()),
             fanout,
             next_conn: AtomicU64::new(1),
-            log_calls: Semaphore::new(cfg.log_calls.max(1)),
+            rounds: Semaphore::new(cfg.rounds.max(1)),
             cfg,
             stats: AmStats::default(),
         }
@@ -232,7 +234,7 @@ impl AmRelay {
                 poke: poke.clone(),
             },
         );
-        tokio::spawn(DocActor::new(self.clone(), doc, poke).run(rx));
+        tokio::spawn(DocActor::new(self.clone(), doc).run(poke, rx));
         tx
     }
 
@@ -265,10 +267,12 @@ impl AmRelay {
     }
 }
 
+/// One document's state in memory. Its async loop (`run`) only waits for inputs and timers;
+/// every round of work (log reads, Automerge, the append and its flush) runs on the blocking
+/// pool, so a large document never stalls the async workers that serve every connection.
 struct DocActor {
     relay: Arc<AmRelay>,
     id: DocId,
-    poke: Arc<Notify>,
     sync: DocSync<u64>,
     peers: HashMap<u64, Arc<PeerCtx>>,
     /// The document's namespace once known (from the log, or from the peer that created it).
@@ -281,11 +285,10 @@ struct DocActor {
 }
 
 impl DocActor {
-    fn new(relay: Arc<AmRelay>, id: DocId, poke: Arc<Notify>) -> DocActor {
+    fn new(relay: Arc<AmRelay>, id: DocId) -> DocActor {
         DocActor {
             relay,
             id,
-            poke,
             sync: DocSync::default(),
             peers: HashMap::new(),
             namespace: None,
@@ -295,7 +298,7 @@ impl DocActor {
         }
     }
 
-    async fn run(mut self, mut rx: mpsc::Receiver<DocInput>) {
+    async fn run(mut self, poke: Arc<Notify>, mut rx: mpsc::Receiver<DocInput>) {
         let cfg = self.relay.cfg.clone();
         loop {
             let wait = if self.loaded {
@@ -310,7 +313,7 @@ impl DocActor {
                     Some(m) => batch.push(m),
                     None => break,
                 },
-                _ = self.poke.notified() => poked = true,
+                _ = poke.notified() => poked = true,
                 _ = tokio::time::sleep(wait) => {
                     if self.loaded {
                         self.sync.unload();
@@ -333,7 +336,31 @@ impl DocActor {
                 // A poke for a document nobody here syncs any more: nothing to load for.
                 continue;
             }
-            self.round(batch, poked || !self.loaded).await;
+            let catch_up = poked || !self.loaded;
+            let relay = self.relay.clone();
+            let Ok(_permit) = relay.rounds.acquire().await else {
+                break;
+            };
+            let mut me = self;
+            match tokio::task::spawn_blocking(move || {
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    me.round(batch, catch_up)
+                }));
+                if r.is_err() {
+                    tracing::error!(doc = %me.id, "a document round panicked; reloading it");
+                    me.sync.reload();
+                    me.set_loaded(false);
+                    me.seen = 0;
+                }
+                me
+            })
+            .await
+            {
+                Ok(me) => self = me,
+                // Cancelled with the runtime: the registry's sender fails next time and a new
+                // actor takes over.
+                Err(_) => return,
+            }
         }
         // Every sender is gone, the registry's too: nothing can reach this actor any more.
         self.set_loaded(false);
@@ -379,41 +406,28 @@ impl DocActor {
     }
 
     /// Read the log after what this copy has seen and apply it in one go.
-    async fn catch_up(&mut self) -> Result<(), String> {
+    fn catch_up(&mut self) -> Result<(), String> {
         let started = std::time::Instant::now();
         let full = self.seen == 0;
-        let log = self.relay.log.clone();
-        let (id, after, page) = (self.id, self.seen, self.relay.cfg.page_bytes);
-        let relay = self.relay.clone();
-        let permit = relay.log_calls.acquire().await;
-        let pages = tokio::task::spawn_blocking(move || {
-            let mut pages = Vec::new();
-            let mut after = after;
-            // Bounded: a log has finitely many pages, and each moves `after` forward.
-            for _ in 0..1_000_000 {
-                let p = log.pull(&id, after, page).map_err(|e| e.to_string())?;
-                let more = p.more;
-                after = p.to.max(after);
-                pages.push(p);
-                if !more {
-                    break;
-                }
-            }
-            Ok::<_, String>(pages)
-        })
-        .await
-        .map_err(|e| e.to_string())??;
-        drop(permit);
-        for p in pages {
+        let page = self.relay.cfg.page_bytes;
+        // Bounded: a log has finitely many pages, and each moves `seen` forward.
+        for _ in 0..1_000_000 {
+            let p = self
+                .relay
+                .log
+                .pull(&self.id, self.seen, page)
+                .map_err(|e| e.to_string())?;
             if !p.namespace.is_empty() {
                 self.namespace = Some(p.namespace.clone());
             }
-            if p.changes.is_empty() && p.snapshot.is_none() {
-                continue;
+            if !p.changes.is_empty() || p.snapshot.is_some() {
+                self.sync
+                    .apply_log(p.snapshot.as_ref().map(|(_, s)| &s[..]), &p.changes)?;
             }
-            self.sync
-                .apply_log(p.snapshot.as_ref().map(|(_, s)| &s[..]), &p.changes)?;
             self.seen = self.seen.max(p.to);
+            if !p.more {
+                break;
+            }
         }
         self.set_loaded(true);
         if full {
@@ -431,9 +445,9 @@ impl DocActor {
         ));
     }
 
-    async fn round(&mut self, batch: Vec<DocInput>, catch_up: bool) {
+    fn round(&mut self, batch: Vec<DocInput>, catch_up: bool) {
         if catch_up {
-            if let Err(e) = self.catch_up().await {
+            if let Err(e) = self.catch_up() {
                 tracing::error!(doc = %self.id, error = %e, "could not load a document for automerge-repo peers");
                 for input in &batch {
                     if let DocInput::Sync { peer, .. } = input {
@@ -528,7 +542,7 @@ impl DocActor {
                 .namespace
                 .clone()
                 .unwrap_or_else(|| crate::repo::DEFAULT_NAMESPACE.to_string());
-            if let Err(e) = self.persist(&ns, new).await {
+            if let Err(e) = self.persist(&ns, new) {
                 tracing::warn!(doc = %self.id, error = %e, "changes from an automerge-repo peer were refused");
                 for p in &writers {
                     self.error_to(p, &format!("changes refused: {e}"));
@@ -538,7 +552,7 @@ impl DocActor {
                 self.sync.reload();
                 self.seen = 0;
                 self.namespace = None;
-                if let Err(e) = self.catch_up().await {
+                if let Err(e) = self.catch_up() {
                     tracing::error!(doc = %self.id, error = %e, "could not reload a document");
                     self.set_loaded(false);
                     return;
@@ -589,25 +603,15 @@ impl DocActor {
 
     /// Append `changes` to the log and wait until they are durable; then fan them out to
     /// tandem/1 connections.
-    async fn persist(&mut self, ns: &str, changes: Vec<Vec<u8>>) -> Result<(), String> {
+    fn persist(&mut self, ns: &str, changes: Vec<Vec<u8>>) -> Result<(), String> {
         if !valid_namespace(ns) {
             return Err(format!("'{ns}' is not a valid namespace"));
         }
-        let log = self.relay.log.clone();
-        let (id, namespace) = (self.id, ns.to_string());
-        let permit = self.relay.log_calls.acquire().await;
-        let pushed = tokio::task::spawn_blocking(move || {
-            let p = log
-                .append(&namespace, &id, &changes)
-                .map_err(|e| e.to_string())?;
-            log.durable().map_err(|e| e.to_string())?;
-            let compact = !p.new_changes.is_empty() && log.wants_compaction(&id);
-            Ok::<_, String>((p, compact))
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        drop(permit);
-        let (pushed, compact) = pushed?;
+        let log = &self.relay.log;
+        let pushed = log
+            .append(ns, &self.id, &changes)
+            .map_err(|e| e.to_string())?;
+        log.durable().map_err(|e| e.to_string())?;
         if pushed.new_changes.is_empty() {
             return Ok(());
         }
@@ -633,14 +637,19 @@ impl DocActor {
                 remaining_bytes: 0,
             },
         );
-        if compact {
-            let log = self.relay.log.clone();
+        if log.wants_compaction(&self.id) {
+            let log = log.clone();
             let id = self.id;
-            tokio::task::spawn_blocking(move || {
+            let compact = move || {
                 if let Err(e) = log.compact(&id) {
                     tracing::error!(doc = %id, error = %e, "compaction failed");
                 }
-            });
+            };
+            // Off this round's path (it loads the whole document again).
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(rt.spawn_blocking(compact)),
+                Err(_) => compact(),
+            }
         }
         Ok(())
     }
