@@ -410,8 +410,18 @@ impl DocActor {
         let started = std::time::Instant::now();
         let full = self.seen == 0;
         let page = self.relay.cfg.page_bytes;
+        // A document the log has never seen (a peer creating one, or asking for an unknown
+        // one) has nothing to load: skip the pull, which would wait for the flush in flight.
+        let known = self.seen > 0
+            || self
+                .relay
+                .log
+                .record(&self.id)
+                .map_err(|e| e.to_string())?
+                .is_some();
         // Bounded: a log has finitely many pages, and each moves `seen` forward.
-        for _ in 0..1_000_000 {
+        let max_pages = if known { 1_000_000 } else { 0 };
+        for _ in 0..max_pages {
             let p = self
                 .relay
                 .log
