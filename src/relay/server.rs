@@ -23,10 +23,12 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
+use super::amrepo::{AmConfig, AmRelay};
 use super::auth::{self, Secret};
 use super::log::RelayLog;
 use super::session::{Effect, Hub, RelaySession, SessionConfig};
@@ -122,9 +124,23 @@ struct Shared {
     permits: Arc<Semaphore>,
     stats: NetStats,
     shutdown: watch::Receiver<bool>,
+    /// The `/automerge` endpoint's documents and peers.
+    amrepo: Arc<AmRelay>,
 }
 
 impl Shared {
+    fn am_cfg(cfg: &RelayConfig) -> AmConfig {
+        AmConfig {
+            max_frame_bytes: cfg.limits.max_frame_bytes as usize,
+            max_docs_per_connection: cfg.limits.max_docs_per_connection as usize,
+            handshake_timeout: cfg.handshake_timeout,
+            idle_timeout: cfg.idle_timeout,
+            outgoing_queue: cfg.outgoing_queue,
+            page_bytes: cfg.page_bytes.max(1 << 20),
+            ..AmConfig::default()
+        }
+    }
+
     fn session_cfg(&self) -> SessionConfig {
         SessionConfig {
             limits: self.cfg.limits.clone(),
@@ -169,20 +185,40 @@ pub async fn start(
     let log = Arc::new(log);
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
+    // Frames are small and written one by one (write buffer 0): without TCP_NODELAY, Nagle
+    // holds each one back until the peer's delayed ACK, tens of milliseconds per round trip.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
+    });
     let (stop, shutdown) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        permits: Arc::new(Semaphore::new(cfg.max_connections)),
-        cfg,
-        log: log.clone(),
-        conns: Mutex::new(Hub::default()),
-        stats: NetStats::default(),
-        shutdown: shutdown.clone(),
+    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
+        let weak = weak.clone();
+        // Changes stored from automerge-repo peers go to tandem/1 connections like a push's.
+        let fanout = Box::new(move |ns: &str, doc: DocId, msg: RelayMsg| {
+            if let Some(shared) = weak.upgrade() {
+                if let Some(frame) = encode(&shared, &msg) {
+                    fan_out(&shared, ns, &doc, 0, frame);
+                }
+            }
+        });
+        Shared {
+            permits: Arc::new(Semaphore::new(cfg.max_connections)),
+            amrepo: Arc::new(AmRelay::new(log.clone(), Shared::am_cfg(&cfg), fanout)),
+            cfg,
+            log: log.clone(),
+            conns: Mutex::new(Hub::default()),
+            stats: NetStats::default(),
+            shutdown: shutdown.clone(),
+        }
     });
     if matches!(shared.cfg.auth, Auth::InsecureNoAuth) {
         tracing::warn!("INSECURE: --insecure-no-auth is on: anyone who can reach {addr} may read and write every namespace");
     }
     let app = Router::new()
         .route("/v1", get(upgrade))
+        .route("/automerge", get(upgrade_automerge))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(shared.clone());
@@ -248,6 +284,62 @@ async fn upgrade(
                 .connections_total
                 .fetch_add(1, Ordering::Relaxed);
             connection(socket, shared.clone(), authorization, query).await;
+            shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        })
+}
+
+/// `/automerge`: automerge-repo's WebSocket protocol (see `amrepo`). Browsers cannot set
+/// headers on a WebSocket, so the token comes as `?token=`; `?namespace=` picks the namespace
+/// of documents this peer creates (default: the token's first writable one, or `default`).
+async fn upgrade_automerge(
+    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    State(shared): State<Arc<Shared>>,
+) -> axum::response::Response {
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay at its connection limit\n",
+        )
+            .into_response();
+    };
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let auth = match &shared.cfg.auth {
+        Auth::InsecureNoAuth => Ok(None),
+        Auth::Jwt(secret) => auth::authenticate(
+            secret,
+            authorization.as_deref(),
+            query.as_deref(),
+            SystemTime::now(),
+        )
+        .map(Some),
+    };
+    let namespace = query.as_deref().and_then(|q| {
+        q.split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, v)| *k == "namespace" && !v.is_empty())
+            .map(|(_, v)| v.to_string())
+    });
+    let max = shared.cfg.limits.max_frame_bytes as usize;
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max + (64 << 10))
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .connections_total
+                .fetch_add(1, Ordering::Relaxed);
+            let am = shared.amrepo.clone();
+            super::amrepo::serve(am, socket, auth, namespace, shared.shutdown.clone()).await;
             shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         })
@@ -471,8 +563,9 @@ impl Outbound {
                     changes,
                 } => {
                     if let Some(frame) = encode(&self.shared, &changes) {
-                        self.fan_out(&namespace, &doc, frame);
+                        fan_out(&self.shared, &namespace, &doc, self.id, frame);
                     }
+                    self.shared.amrepo.poke(&doc);
                 }
                 Effect::Compact(doc) => {
                     let log = self.shared.log.clone();
@@ -508,20 +601,18 @@ impl Outbound {
         }
         alive
     }
+}
 
-    fn fan_out(&self, ns: &str, doc: &DocId, frame: Bytes) {
-        let conns = lock(&self.shared.conns);
-        for (_, c) in conns.recipients(ns, doc, self.id) {
-            match c.tx.try_send(frame.clone()) {
-                Ok(()) => {
-                    self.shared
-                        .stats
-                        .fanout_frames
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => c.close.notify_one(),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+/// Send `frame` to every tandem/1 connection subscribed to `doc` except `except` (0: none).
+fn fan_out(shared: &Shared, ns: &str, doc: &DocId, except: u64, frame: Bytes) {
+    let conns = lock(&shared.conns);
+    for (_, c) in conns.recipients(ns, doc, except) {
+        match c.tx.try_send(frame.clone()) {
+            Ok(()) => {
+                shared.stats.fanout_frames.fetch_add(1, Ordering::Relaxed);
             }
+            Err(mpsc::error::TrySendError::Full(_)) => c.close.notify_one(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
@@ -554,7 +645,8 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
     let n = &shared.stats;
     let (requests, flushes) = shared.log.flush_counts();
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let rows: [(&str, &str, u64); 22] = [
+    let am = &shared.amrepo.stats;
+    let rows: [(&str, &str, u64); 28] = [
         (
             "tandem_relay_presence_rate_limited_total",
             "counter",
@@ -628,6 +720,36 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         ),
         ("tandem_relay_flush_requests_total", "counter", requests),
         ("tandem_relay_flushes_total", "counter", flushes),
+        (
+            "tandem_relay_automerge_connections",
+            "gauge",
+            g(&am.connections),
+        ),
+        (
+            "tandem_relay_automerge_docs_in_memory",
+            "gauge",
+            g(&am.docs_loaded),
+        ),
+        (
+            "tandem_relay_automerge_doc_actors",
+            "gauge",
+            shared.amrepo.actors() as u64,
+        ),
+        (
+            "tandem_relay_automerge_frames_in_total",
+            "counter",
+            g(&am.sync_in),
+        ),
+        (
+            "tandem_relay_automerge_changes_stored_total",
+            "counter",
+            g(&am.changes_stored),
+        ),
+        (
+            "tandem_relay_automerge_refused_total",
+            "counter",
+            g(&am.refused),
+        ),
         ("tandem_relay_up", "gauge", 1),
     ];
     let mut out = String::new();

@@ -1,5 +1,6 @@
 //! tandem's integration tests: one binary, one module per area.
 
+mod amrepo;
 mod bad_input;
 mod cli;
 mod crash;
