@@ -31,7 +31,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::json;
 use tandem::client::{sync_once, SyncConfig};
 use tandem::relay::auth::{mint, Secret};
-use tandem::relay::log::RelayLog;
+use tandem::relay::storage::RelayStore;
 use tandem::relay::{start, Auth, RelayConfig, RelayHandle};
 use tandem::transport::{codec, ClientMsg, RelayMsg, PROTOCOL_VERSION};
 use tandem::{DocId, Repo, RepoOptions, Schema};
@@ -123,8 +123,8 @@ impl InProcess {
         self.handle().addr
     }
 
-    fn log(&self) -> &RelayLog {
-        &self.handle().log
+    fn log(&self) -> &dyn RelayStore {
+        &*self.handle().log
     }
 }
 
@@ -352,8 +352,8 @@ fn durable_acks(client: &Runtime, conns: usize, total: usize) {
         (t0.elapsed(), all)
     });
     let (_, flushes) = relay.log().flush_counts();
-    let pushes = relay.log().stats.pushes.load(Ordering::Relaxed);
-    let accepted = relay.log().stats.changes_accepted.load(Ordering::Relaxed);
+    let pushes = relay.log().stats().pushes.load(Ordering::Relaxed);
+    let accepted = relay.log().stats().changes_accepted.load(Ordering::Relaxed);
     assert_eq!(accepted, changes as u64, "every change stored once");
     row(
         &format!("durable acks, {conns} connections"),

@@ -6,13 +6,19 @@
 //! - [`log`]: the durable state (logs, hash index, feeds, snapshots), socket-free.
 //! - [`session`]: the protocol logic of one connection ([`session::RelaySession`]) and the
 //!   subscriptions that decide fan-out ([`session::Hub`]), sans-IO: effects are data.
+//! - [`storage`]: the seam between the protocol and durable state ([`storage::RelayStore`]),
+//!   with the sled log and [`postgres`] (shared by several relay nodes) behind it.
 //! - [`server`]: the tokio/axum shell: `/v1` WebSocket, `/healthz`, `/metrics`, connection
 //!   limits, timeouts, graceful shutdown; it carries out the sessions' effects.
 
 pub mod auth;
+pub mod bus;
 pub mod log;
+pub mod migrate;
+pub mod postgres;
 pub mod server;
 pub mod session;
+pub mod storage;
 
 pub use server::{start, Auth, RelayConfig, RelayHandle};
 pub use session::{Effect, Hub, RelaySession};

@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use super::auth::{self, Secret};
 use super::log::RelayLog;
 use super::session::{Effect, Hub, RelaySession, SessionConfig};
+use super::storage::RelayStore;
 use crate::ids::DocId;
 use crate::transport::{codec, ClientMsg, Limits, RelayMsg};
 
@@ -61,6 +62,11 @@ pub struct RelayConfig {
     pub outgoing_queue: usize,
     /// Compact a log once this many changes sit after its snapshot.
     pub compact_after: u64,
+    /// Keep the log and feeds in this PostgreSQL database instead of `data`, so that several
+    /// relay nodes can share them (see docs/scaling.md).
+    pub postgres: Option<String>,
+    /// With `postgres`: the Redis that carries changes across nodes.
+    pub redis: Option<String>,
 }
 
 impl RelayConfig {
@@ -83,6 +89,8 @@ impl RelayConfig {
             feed_page: 1000,
             outgoing_queue: 1024,
             compact_after: 10_000,
+            postgres: None,
+            redis: None,
         }
     }
 }
@@ -108,11 +116,13 @@ struct Conn {
 
 struct Shared {
     cfg: RelayConfig,
-    log: Arc<RelayLog>,
+    log: Arc<dyn RelayStore>,
     conns: Mutex<Hub<Conn>>,
     permits: Arc<Semaphore>,
     stats: NetStats,
     shutdown: watch::Receiver<bool>,
+    /// Cross-node fan-out (PostgreSQL mode only).
+    bus: std::sync::OnceLock<super::bus::Bus>,
 }
 
 impl Shared {
@@ -130,7 +140,9 @@ pub struct RelayHandle {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
     /// The relay's storage, for tests and tools.
-    pub log: Arc<RelayLog>,
+    pub log: Arc<dyn RelayStore>,
+    /// With PostgreSQL and Redis: whether this node's Redis subscription is up.
+    pub bus_health: Option<watch::Receiver<bool>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -147,15 +159,7 @@ impl RelayHandle {
 pub async fn start(
     cfg: RelayConfig,
 ) -> Result<RelayHandle, Box<dyn std::error::Error + Send + Sync>> {
-    let mut log = match &cfg.data {
-        Some(path) => {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || RelayLog::open(p)).await??
-        }
-        None => RelayLog::in_memory(),
-    };
-    log.compact_after = cfg.compact_after;
-    let log = Arc::new(log);
+    let (log, pg) = open_storage(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     let (stop, shutdown) = watch::channel(false);
@@ -166,7 +170,28 @@ pub async fn start(
         conns: Mutex::new(Hub::default()),
         stats: NetStats::default(),
         shutdown: shutdown.clone(),
+        bus: std::sync::OnceLock::new(),
     });
+    if let Some(pg) = pg {
+        // Changes committed by other nodes go to this node's subscribers, like local ones.
+        let weak = Arc::downgrade(&shared);
+        let deliver: super::bus::Deliver =
+            Arc::new(move |ns: String, doc: DocId, msg: RelayMsg| {
+                if let Some(shared) = weak.upgrade() {
+                    if let Some(frame) = encode(&shared, &msg) {
+                        fan_out(&shared, &ns, &doc, frame, 0);
+                    }
+                }
+            });
+        let bus =
+            super::bus::Bus::start(shared.cfg.redis.clone(), pg, deliver, shutdown.clone()).await;
+        let _ = shared.bus.set(bus);
+    }
+    let bus_health = shared
+        .bus
+        .get()
+        .filter(|_| shared.cfg.redis.is_some())
+        .map(|b| b.health());
     if matches!(shared.cfg.auth, Auth::InsecureNoAuth) {
         tracing::warn!("INSECURE: --insecure-no-auth is on: anyone who can reach {addr} may read and write every namespace");
     }
@@ -195,9 +220,39 @@ pub async fn start(
     Ok(RelayHandle {
         addr,
         log,
+        bus_health,
         stop,
         task,
     })
+}
+
+/// The backend `cfg` names: PostgreSQL, a sled folder, or memory.
+type Storage = (Arc<dyn RelayStore>, Option<Arc<super::postgres::PgLog>>);
+
+async fn open_storage(
+    cfg: &RelayConfig,
+) -> Result<Storage, Box<dyn std::error::Error + Send + Sync>> {
+    let compact_after = cfg.compact_after;
+    if let Some(url) = cfg.postgres.clone() {
+        let log = tokio::task::spawn_blocking(move || {
+            super::postgres::PgLog::connect(&url).map(|mut l| {
+                l.compact_after = compact_after;
+                l
+            })
+        })
+        .await??;
+        let log = Arc::new(log);
+        return Ok((log.clone(), Some(log)));
+    }
+    let mut log = match &cfg.data {
+        Some(path) => {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || RelayLog::open(p)).await??
+        }
+        None => RelayLog::in_memory(),
+    };
+    log.compact_after = compact_after;
+    Ok((Arc::new(log), None))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -396,14 +451,14 @@ impl Connection {
     /// out its effects. `false` ends the connection.
     async fn step(
         &mut self,
-        f: impl FnOnce(&mut RelaySession, &RelayLog) -> Vec<Effect> + Send + 'static,
+        f: impl FnOnce(&mut RelaySession, &dyn RelayStore) -> Vec<Effect> + Send + 'static,
     ) -> bool {
         let Some(mut session) = self.session.take() else {
             return false;
         };
         let log = self.shared.log.clone();
         let done = tokio::task::spawn_blocking(move || {
-            let effects = f(&mut session, &log);
+            let effects = f(&mut session, &*log);
             (session, effects)
         })
         .await;
@@ -446,7 +501,10 @@ impl Outbound {
                     changes,
                 } => {
                     if let Some(frame) = encode(&self.shared, &changes) {
-                        self.fan_out(&namespace, &doc, frame);
+                        fan_out(&self.shared, &namespace, &doc, frame, self.id);
+                    }
+                    if let Some(bus) = self.shared.bus.get() {
+                        bus.announce(&namespace, &doc, &changes);
                     }
                 }
                 Effect::Compact(doc) => {
@@ -475,26 +533,24 @@ impl Outbound {
         }
         alive
     }
+}
 
-    fn fan_out(&self, ns: &str, doc: &DocId, frame: Bytes) {
-        let conns = lock(&self.shared.conns);
-        for (_, c) in conns.recipients(ns, doc, self.id) {
-            match c.tx.try_send(frame.clone()) {
-                Ok(()) => {
-                    self.shared
-                        .stats
-                        .fanout_frames
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => c.close.notify_one(),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+/// Send `frame` to every connection subscribed to `doc` in `ns` but `except` (0: none).
+fn fan_out(shared: &Shared, ns: &str, doc: &DocId, frame: Bytes, except: u64) {
+    let conns = lock(&shared.conns);
+    for (_, c) in conns.recipients(ns, doc, except) {
+        match c.tx.try_send(frame.clone()) {
+            Ok(()) => {
+                shared.stats.fanout_frames.fetch_add(1, Ordering::Relaxed);
             }
+            Err(mpsc::error::TrySendError::Full(_)) => c.close.notify_one(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> String {
-    let s = &shared.log.stats;
+    let s = shared.log.stats();
     let n = &shared.stats;
     let (requests, flushes) = shared.log.flush_counts();
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);

@@ -525,7 +525,9 @@ mod tests {
         rotate_now(&wal);
         wal.append(ops(4), |_, _| Ok(())).unwrap();
         wal.sync().unwrap();
-        let len = std::fs::metadata(dir.path().join(file_name(0))).unwrap().len();
+        let len = std::fs::metadata(dir.path().join(file_name(0)))
+            .unwrap()
+            .len();
         assert_eq!(len, PREALLOCATE, "written ahead, zeros after the records");
         drop(wal);
         let mut replayed = Vec::new();

@@ -2,11 +2,13 @@
 
 mod bad_input;
 mod cli;
+mod cluster;
 mod crash;
 mod fuzz_corpus;
 mod hostile;
 mod local;
 mod migration;
+mod pg;
 mod props;
 mod quickstart;
 mod relay;
