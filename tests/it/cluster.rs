@@ -393,3 +393,72 @@ async fn kill_9_of_a_node_loses_no_acked_change_and_devices_resume_on_another() 
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_relay_moves_a_sled_relay_with_its_seqs_feed_and_identity_verified() {
+    use tandem::relay::log::RelayLog;
+    use tandem::relay::storage::RelayStore;
+    let dir = tempfile::tempdir().unwrap();
+    let docs: Vec<DocId> = (0..3).map(|_| DocId::random()).collect();
+    let (relay_id, feed, contents) = {
+        let path = dir.path().to_path_buf();
+        let docs = docs.clone();
+        blocking(move || {
+            let log = RelayLog::open(&path).unwrap();
+            for (n, doc) in docs.iter().enumerate() {
+                let cs = changes(4 + n);
+                log.push(if n == 2 { "other" } else { "notes" }, doc, &cs)
+                    .unwrap();
+            }
+            // One document compacted: its early changes live only in the snapshot.
+            log.compact(&docs[0]).unwrap();
+            log.push("notes", &docs[1], &changes(6)).unwrap();
+            let feed = RelayLog::feed(&log, "notes", 0, 100).unwrap();
+            let contents: Vec<usize> = docs
+                .iter()
+                .map(|d| RelayLog::log_hashes(&log, d).unwrap().len())
+                .collect();
+            (log.relay_id(), feed, contents)
+        })
+        .await
+    };
+    let pg = crate::pg::fresh();
+    let out = std::process::Command::new(crate::cli::exe())
+        .args(["--json", "migrate-relay", "--from-sled"])
+        .arg(dir.path())
+        .args(["--postgres", &pg])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["verified"], true);
+    assert_eq!(report["documents"], 3);
+    assert_eq!(report["changes"], contents.iter().sum::<usize>() as u64);
+    // A node on the database is the same relay to devices: identity, feed and seqs.
+    let n = node(&pg, None).await;
+    let log = n.log.clone();
+    let (id2, feed2, full) = blocking(move || {
+        let full: Vec<usize> = docs
+            .iter()
+            .map(|d| log.contents(d).unwrap().changes.len())
+            .collect();
+        (log.relay_id(), log.feed("notes", 0, 100).unwrap(), full)
+    })
+    .await;
+    assert_eq!(id2, relay_id);
+    assert_eq!(feed2, feed);
+    assert_eq!(full, contents, "every change, compacted ones too");
+    // Migrating into a database that holds data is refused.
+    let again = std::process::Command::new(crate::cli::exe())
+        .args(["migrate-relay", "--from-sled"])
+        .arg(dir.path())
+        .args(["--postgres", &pg])
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(1));
+    n.shutdown().await.unwrap();
+}
