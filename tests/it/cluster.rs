@@ -397,7 +397,6 @@ async fn kill_9_of_a_node_loses_no_acked_change_and_devices_resume_on_another() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_relay_moves_a_sled_relay_with_its_seqs_feed_and_identity_verified() {
     use tandem::relay::log::RelayLog;
-    use tandem::relay::storage::RelayStore;
     let dir = tempfile::tempdir().unwrap();
     let docs: Vec<DocId> = (0..3).map(|_| DocId::random()).collect();
     let (relay_id, feed, contents) = {
