@@ -41,6 +41,8 @@ pub const POLL_DEGRADED: Duration = Duration::from_millis(200);
 const INLINE_BYTES: usize = 256 << 10;
 /// Largest reply the Redis client accepts.
 const MAX_BULK: usize = 1 << 20;
+/// Most items in one reply array (the hot cache's tail is the longest).
+const MAX_ITEMS: i64 = 1024;
 /// Notes waiting to be published before new ones are dropped (the feed poll covers them).
 const PUBLISH_QUEUE: usize = 4096;
 /// Documents whose last delivered seq a node remembers.
@@ -280,7 +282,7 @@ async fn poller(
 }
 
 /// `redis://host:port[/db]` (or plain `host:port`) -> `host:port`.
-fn redis_addr(url: &str) -> String {
+pub(crate) fn redis_addr(url: &str) -> String {
     let rest = url.strip_prefix("redis://").unwrap_or(url);
     let rest = rest.rsplit('@').next().unwrap_or(rest);
     let host = rest.split('/').next().unwrap_or(rest);
@@ -376,7 +378,7 @@ async fn subscriber(addr: String, node: Arc<Node>, mut shutdown: watch::Receiver
 
 /// A RESP reply (nested arrays are not needed by the commands used, so not accepted).
 #[derive(Debug, PartialEq)]
-enum Value {
+pub(crate) enum Value {
     Simple(Vec<u8>),
     Error(String),
     Int(i64),
@@ -386,7 +388,7 @@ enum Value {
 }
 
 /// One connection to Redis speaking RESP2.
-struct Resp {
+pub(crate) struct Resp {
     r: BufReader<OwnedReadHalf>,
     w: OwnedWriteHalf,
 }
@@ -396,7 +398,7 @@ fn bad(m: &str) -> std::io::Error {
 }
 
 impl Resp {
-    async fn connect(addr: &str) -> std::io::Result<Resp> {
+    pub(crate) async fn connect(addr: &str) -> std::io::Result<Resp> {
         let s = tokio::time::timeout(Duration::from_secs(2), TcpStream::connect(addr))
             .await
             .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "redis: connect"))??;
@@ -418,7 +420,7 @@ impl Resp {
         self.w.write_all(&out).await
     }
 
-    async fn command(&mut self, args: &[&[u8]]) -> std::io::Result<Value> {
+    pub(crate) async fn command(&mut self, args: &[&[u8]]) -> std::io::Result<Value> {
         self.send(args).await?;
         tokio::time::timeout(Duration::from_secs(2), self.read())
             .await
@@ -481,7 +483,7 @@ impl Resp {
         if n < 0 {
             return Ok(Value::Nil);
         }
-        if n > 16 {
+        if n > MAX_ITEMS {
             return Err(bad("array too long"));
         }
         let mut items = Vec::new();

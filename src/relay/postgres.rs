@@ -139,6 +139,151 @@ struct Inner {
     /// Documents whose logs grew past `compact_after` in a commit (cleared when asked).
     due: Mutex<HashSet<DocId>>,
     compacting: Mutex<HashSet<DocId>>,
+    /// The hot tail of busy documents' logs in Redis (set with [`PgLog::set_cache`]).
+    cache: std::sync::OnceLock<Cache>,
+}
+
+/// Changes kept per document in the hot cache, and the largest one kept.
+const TAIL_LEN: usize = 64;
+const TAIL_CHANGE_MAX: usize = 64 << 10;
+/// How long an idle document's tail stays in Redis.
+const TAIL_TTL_MS: u64 = 10 * 60 * 1000;
+
+/// Appends a commit's changes to a document's cached tail, atomically. The tail is always a
+/// run of consecutive seqs ending at the cached head: a commit that follows the head is
+/// appended, a later one (the one between went missing) starts the run again, an older one
+/// (a slower node) is dropped.
+const TAIL_APPEND: &str = "
+local head = tonumber(redis.call('GET', KEYS[2]) or '0')
+local first = tonumber(ARGV[1])
+local new = tonumber(ARGV[2])
+if new <= head then return 0 end
+if first ~= head + 1 then redis.call('DEL', KEYS[1]) end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -64, -1)
+redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1";
+
+/// The hot cache: committed changes only, keyed by relay identity (a wiped or restored
+/// database has another, so its seqs never meet the old ones' bytes). It serves bytes; the
+/// head always comes from PostgreSQL, so a stale or flushed cache only means a read goes to
+/// PostgreSQL.
+struct Cache {
+    addr: String,
+    prefix: String,
+    writer: tokio::sync::Mutex<Option<super::bus::Resp>>,
+    reader: tokio::sync::Mutex<Option<super::bus::Resp>>,
+    /// While Redis is down, skip it until then.
+    down_until: Mutex<Option<std::time::Instant>>,
+    hits: AtomicU64,
+}
+
+impl Cache {
+    fn keys(&self, doc: &DocId) -> (String, String) {
+        (
+            format!("{}tail:{doc}", self.prefix),
+            format!("{}head:{doc}", self.prefix),
+        )
+    }
+
+    /// Run one command on `slot`'s connection (made if needed); `None` if Redis failed.
+    async fn call(
+        &self,
+        slot: &tokio::sync::Mutex<Option<super::bus::Resp>>,
+        args: &[&[u8]],
+    ) -> Option<super::bus::Value> {
+        if self
+            .down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|t| std::time::Instant::now() < t)
+        {
+            return None;
+        }
+        let mut conn = slot.lock().await;
+        if conn.is_none() {
+            *conn = super::bus::Resp::connect(&self.addr).await.ok();
+        }
+        let r = match conn.as_mut() {
+            Some(c) => c.command(args).await.ok(),
+            None => None,
+        };
+        if r.is_none() {
+            *conn = None;
+            *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::time::Instant::now() + Duration::from_millis(500));
+        }
+        r
+    }
+
+    /// Add `changes` (seq, cumulative bytes, bytes; consecutive) to `doc`'s tail.
+    async fn append(&self, doc: DocId, changes: Vec<(u64, u64, Vec<u8>)>) {
+        let (Some(first), Some(last)) = (changes.first(), changes.last()) else {
+            return;
+        };
+        let (tail, head) = self.keys(&doc);
+        if changes.iter().any(|c| c.2.len() > TAIL_CHANGE_MAX) {
+            self.call(&self.writer, &[b"DEL", tail.as_bytes(), head.as_bytes()])
+                .await;
+            return;
+        }
+        let (first, last) = (first.0.to_string(), last.0.to_string());
+        let ttl = TAIL_TTL_MS.to_string();
+        let entries: Vec<Vec<u8>> = changes
+            .iter()
+            .skip(changes.len().saturating_sub(TAIL_LEN))
+            .map(|(seq, cum, bytes)| {
+                let mut e = Vec::with_capacity(16 + bytes.len());
+                e.extend_from_slice(&seq.to_be_bytes());
+                e.extend_from_slice(&cum.to_be_bytes());
+                e.extend_from_slice(bytes);
+                e
+            })
+            .collect();
+        // The first seq sent, once the batch is cut to the tail's length.
+        let sent_first = if changes.len() > TAIL_LEN {
+            changes[changes.len() - TAIL_LEN].0.to_string()
+        } else {
+            first
+        };
+        let mut args: Vec<&[u8]> = vec![
+            b"EVAL",
+            TAIL_APPEND.as_bytes(),
+            b"2",
+            tail.as_bytes(),
+            head.as_bytes(),
+            sent_first.as_bytes(),
+            last.as_bytes(),
+            ttl.as_bytes(),
+        ];
+        args.extend(entries.iter().map(Vec::as_slice));
+        self.call(&self.writer, &args).await;
+    }
+
+    /// `doc`'s cached tail: consecutive (seq, cumulative bytes, bytes), or `None`.
+    async fn tail(&self, doc: &DocId) -> Option<Vec<(u64, u64, Vec<u8>)>> {
+        let (tail, _) = self.keys(doc);
+        let super::bus::Value::Array(items) = self
+            .call(&self.reader, &[b"LRANGE", tail.as_bytes(), b"0", b"-1"])
+            .await?
+        else {
+            return None;
+        };
+        let mut out: Vec<(u64, u64, Vec<u8>)> = Vec::with_capacity(items.len());
+        for item in items {
+            let super::bus::Value::Bulk(b) = item else {
+                return None;
+            };
+            let seq = u64::from_be_bytes(b.get(..8)?.try_into().ok()?);
+            let cum = u64::from_be_bytes(b.get(8..16)?.try_into().ok()?);
+            if out.last().is_some_and(|l| l.0 + 1 != seq) {
+                return None;
+            }
+            out.push((seq, cum, b[16..].to_vec()));
+        }
+        (!out.is_empty()).then_some(out)
+    }
 }
 
 /// The relay's storage in PostgreSQL. See the module docs.
@@ -199,6 +344,7 @@ impl PgLog {
             compact_after: AtomicU64::new(10_000),
             due: Mutex::new(HashSet::new()),
             compacting: Mutex::new(HashSet::new()),
+            cache: std::sync::OnceLock::new(),
         });
         let (jobs, rx) = mpsc::channel(QUEUE);
         let mut log = PgLog {
@@ -252,6 +398,27 @@ impl PgLog {
                 "postgres: the relay is shutting down".into(),
             )),
         }
+    }
+
+    /// Keep the hot tail of busy documents' logs in the Redis at `url`, so that catch-up
+    /// pulls read their bytes there; the heads still come from PostgreSQL.
+    pub fn set_cache(&self, url: &str) {
+        let _ = self.inner.cache.set(Cache {
+            addr: super::bus::redis_addr(url),
+            prefix: format!("tandem:{}:", hex::encode(self.relay_id)),
+            writer: tokio::sync::Mutex::new(None),
+            reader: tokio::sync::Mutex::new(None),
+            down_until: Mutex::new(None),
+            hits: AtomicU64::new(0),
+        });
+    }
+
+    /// Pulls served from the hot cache so far.
+    pub fn cache_hits(&self) -> u64 {
+        self.inner
+            .cache
+            .get()
+            .map_or(0, |c| c.hits.load(Ordering::Relaxed))
     }
 
     /// Give the relay a new identity (after restoring an older backup).
@@ -420,10 +587,21 @@ async fn committer(
             )),
         };
         match outcome {
-            Ok(results) => {
+            Ok((results, tails)) => {
                 inner.commits.fetch_add(1, Ordering::Relaxed);
                 for (job, r) in jobs.into_iter().zip(results) {
                     let _ = job.reply.send(r);
+                }
+                // After the acks: the cache is for reads, it must not slow the writers.
+                if inner.cache.get().is_some() {
+                    let inner = inner.clone();
+                    tokio::spawn(async move {
+                        if let Some(cache) = inner.cache.get() {
+                            for (doc, changes) in tails {
+                                cache.append(doc, changes).await;
+                            }
+                        }
+                    });
                 }
             }
             Err(e) => {
@@ -439,13 +617,20 @@ async fn committer(
     }
 }
 
+/// A group's outcome: each job's result, and per document the changes it committed (seq,
+/// cumulative bytes, bytes) for the hot cache.
+type GroupOutcome = (
+    Vec<Result<Pushed, PushError>>,
+    Vec<(DocId, Vec<(u64, u64, Vec<u8>)>)>,
+);
+
 /// Validate and append every job in one transaction. `Err` only when the transaction failed
 /// (then nothing of any job was stored); a job refused by validation is its own `Err`.
 async fn commit_group(
     inner: &Inner,
     client: &mut Client,
     jobs: &[Job],
-) -> Result<Vec<Result<Pushed, PushError>>, StoreError> {
+) -> Result<GroupOutcome, StoreError> {
     let tx = client.transaction().await.map_err(pg)?;
     // Lock every document of the group, in one order on every node.
     let mut docs: Vec<Vec<u8>> = jobs.iter().map(|j| j.doc.as_bytes().to_vec()).collect();
@@ -531,6 +716,34 @@ async fn commit_group(
         .map_err(pg)?;
     }
     tx.commit().await.map_err(pg)?;
+    // What each document gained, in seq order, with cumulative bytes counted back from its
+    // final total.
+    let mut gained: BTreeMap<Vec<u8>, Vec<(u64, Vec<u8>)>> = BTreeMap::new();
+    for (job, r) in jobs.iter().zip(&results) {
+        if let Ok(p) = r {
+            let g = gained.entry(job.doc.as_bytes().to_vec()).or_default();
+            for (n, c) in p.new_changes.iter().enumerate() {
+                g.push((p.new_from + n as u64, c.clone()));
+            }
+        }
+    }
+    let mut tails = Vec::new();
+    if inner.cache.get().is_some() {
+        for (key, changes) in gained {
+            let Ok(id) = <[u8; 16]>::try_from(key.as_slice()) else {
+                continue;
+            };
+            let mut cum = recs[&key].log_bytes;
+            let mut out: Vec<(u64, u64, Vec<u8>)> = Vec::with_capacity(changes.len());
+            for (seq, bytes) in changes.into_iter().rev() {
+                let len = bytes.len() as u64;
+                out.push((seq, cum, bytes));
+                cum = cum.saturating_sub(len);
+            }
+            out.reverse();
+            tails.push((DocId(id), out));
+        }
+    }
     let after = inner.compact_after.load(Ordering::Relaxed);
     let mut due = inner.due.lock().unwrap_or_else(|p| p.into_inner());
     for key in dirty {
@@ -541,7 +754,7 @@ async fn commit_group(
             }
         }
     }
-    Ok(results)
+    Ok((results, tails))
 }
 
 /// Validate one push against the (locked) document and insert its new changes.
@@ -1015,6 +1228,9 @@ async fn pull(inner: &Inner, doc: &DocId, after: u64, max_bytes: u64) -> Result<
         after = rec.compacted_upto;
     }
     let from = after.saturating_add(1);
+    if let Some(page) = pull_cached(inner, doc, &rec, from, max_bytes, snapshot.clone()).await {
+        return Ok(page);
+    }
     let mut changes: Vec<Vec<u8>> = Vec::new();
     let mut bytes = 0u64;
     let mut cum_to = rec.log_bytes;
@@ -1168,4 +1384,44 @@ impl PgLog {
         self.relay_id = relay_id;
         Ok(())
     }
+}
+
+/// A page served from the hot cache: the head is `rec`'s (read from PostgreSQL just now); the
+/// bytes come from Redis when its tail holds seq `from` onward.
+async fn pull_cached(
+    inner: &Inner,
+    doc: &DocId,
+    rec: &DocRecord,
+    from: u64,
+    max_bytes: u64,
+    snapshot: Option<(u64, Vec<u8>)>,
+) -> Option<Page> {
+    let cache = inner.cache.get()?;
+    if from > rec.head {
+        return None;
+    }
+    let tail = cache.tail(doc).await?;
+    let start = tail.iter().position(|(seq, _, _)| *seq == from)?;
+    let mut changes = Vec::new();
+    let mut bytes = 0u64;
+    let mut cum_to = 0;
+    for (seq, cum, b) in &tail[start..] {
+        if *seq > rec.head || (!changes.is_empty() && bytes + b.len() as u64 > max_bytes) {
+            break;
+        }
+        bytes += b.len() as u64;
+        cum_to = *cum;
+        changes.push(b.clone());
+    }
+    let to = from + changes.len() as u64 - 1;
+    cache.hits.fetch_add(1, Ordering::Relaxed);
+    Some(Page {
+        namespace: rec.namespace.clone(),
+        from,
+        to,
+        more: to < rec.head,
+        remaining_bytes: rec.log_bytes.saturating_sub(cum_to),
+        changes,
+        snapshot,
+    })
 }

@@ -241,6 +241,9 @@ async fn open_storage(
             })
         })
         .await??;
+        if let Some(redis) = &cfg.redis {
+            log.set_cache(redis);
+        }
         let log = Arc::new(log);
         return Ok((log.clone(), Some(log)));
     }

@@ -542,3 +542,57 @@ fn three_writers_on_one_document_get_gap_free_causal_seqs_and_readers_never_see_
     assert_eq!(feed.len(), 1);
     assert_eq!(feed[0].seq, 3 * PUSHES as u64);
 }
+
+#[test]
+fn the_hot_cache_serves_committed_tails_and_a_flushed_or_stopped_redis_only_means_postgres() {
+    use tandem::relay::postgres::PgLog;
+    use tandem::relay::storage::RelayStore;
+    let pg = crate::pg::fresh();
+    let port = free_port();
+    let mut redis = own_redis(port);
+    let url = format!("redis://127.0.0.1:{port}");
+    let cached = PgLog::connect(&pg).unwrap();
+    cached.set_cache(&url);
+    let plain = PgLog::connect(&pg).unwrap();
+    let doc = DocId::random();
+    let cs = changes(10);
+    for c in cs.chunks(3) {
+        cached.append("notes", &doc, c).unwrap();
+    }
+    // The cache is written after the commit, off the ack's path: wait (bounded) for a hit.
+    let mut hit = false;
+    for _ in 0..2_000 {
+        let before = cached.cache_hits();
+        let page = cached.pull(&doc, 4, 1 << 20).unwrap();
+        assert_eq!(page, plain.pull(&doc, 4, 1 << 20).unwrap(), "the same page");
+        if cached.cache_hits() > before {
+            hit = true;
+            break;
+        }
+        std::thread::yield_now();
+    }
+    assert!(hit, "a catch-up pull was served from the cache");
+    // A page bounded in bytes, from the cache, says how much remains.
+    let small = cached.pull(&doc, 0, 1).unwrap();
+    assert_eq!(small, plain.pull(&doc, 0, 1).unwrap());
+    // Flushed: every read is right, from PostgreSQL.
+    let out = std::process::Command::new("redis-cli")
+        .args(["-p", &port.to_string(), "FLUSHALL"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    cached.append("notes", &doc, &changes(1)).unwrap();
+    for after in [0, 5, 9, 10] {
+        assert_eq!(
+            cached.pull(&doc, after, 1 << 20).unwrap(),
+            plain.pull(&doc, after, 1 << 20).unwrap()
+        );
+    }
+    // Stopped: pushes and pulls go on.
+    redis.kill().unwrap();
+    redis.wait().unwrap();
+    cached.append("notes", &doc, &changes(1)).unwrap();
+    let page = cached.pull(&doc, 0, 1 << 20).unwrap();
+    assert_eq!(page.changes.len(), 12);
+    assert_eq!(page, plain.pull(&doc, 0, 1 << 20).unwrap());
+}
