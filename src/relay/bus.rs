@@ -16,7 +16,8 @@
 //!
 //! Only committed changes are ever published or read back, so a device never sees a change
 //! that a crash could take back. The Redis client is a few lines of RESP (the commands used
-//! are PUBLISH, PSUBSCRIBE and PING), with every reply bounded in size.
+//! are PUBLISH and PSUBSCRIBE here, EVAL, LRANGE and DEL for the hot cache in `postgres.rs`), with
+//! every reply bounded in size.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};

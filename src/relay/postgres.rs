@@ -21,6 +21,10 @@
 //!   push fail with [`PushError::Storage`], which the session answers with the retryable
 //!   `Internal` error, never an ack; the connection is made again on the next request.
 //!
+//! - **Hot cache.** With [`PgLog::set_cache`], the tail of busy documents' logs is kept in
+//!   Redis (see `Cache`); a pull takes the head from PostgreSQL and the bytes from Redis
+//!   when the tail has them.
+//!
 //! The calls block (the trait is synchronous, like sled): a private runtime owns the
 //! connections, and a caller waits on a plain channel, so any thread may call, including
 //! the simulation's and a test's.

@@ -2,7 +2,7 @@
 //! ([`RelaySession`](super::session::RelaySession)) and the shell need of durable state —
 //! append a validated push and make it durable, read a document's log from a seq, read a
 //! namespace's feed from a cursor, compact, and the relay's identity. Two backends implement
-//! it: the embedded sled log ([`RelayLog`](super::log::RelayLog), the default) and PostgreSQL
+//! it: the embedded sled log ([`RelayLog`], the default) and PostgreSQL
 //! ([`PgLog`](super::postgres::PgLog)), which several relay nodes can share.
 //!
 //! The trait is synchronous on purpose: the session is sans-IO and runs on the blocking pool
