@@ -8,14 +8,20 @@
 //!   subscriptions that decide fan-out ([`session::Hub`]), sans-IO: effects are data.
 //! - [`amrepo`]: the `/automerge` endpoint, automerge-repo's WebSocket protocol; the one place
 //!   the relay holds documents in memory (automerge-repo peers need Automerge's sync protocol).
+//! - [`storage`]: the seam between the protocol and durable state ([`storage::RelayStore`]),
+//!   with the sled log and [`postgres`] (shared by several relay nodes) behind it.
 //! - [`server`]: the tokio/axum shell: `/v1` WebSocket, `/healthz`, `/metrics`, connection
 //!   limits, timeouts, graceful shutdown; it carries out the sessions' effects.
 
 pub mod amrepo;
 pub mod auth;
+pub mod bus;
 pub mod log;
+pub mod migrate;
+pub mod postgres;
 pub mod server;
 pub mod session;
+pub mod storage;
 
 pub use server::{start, Auth, RelayConfig, RelayHandle};
 pub use session::{Effect, Hub, RelaySession};

@@ -32,6 +32,7 @@ use super::amrepo::{AmConfig, AmRelay};
 use super::auth::{self, Secret};
 use super::log::RelayLog;
 use super::session::{Effect, Hub, RelaySession, SessionConfig};
+use super::storage::RelayStore;
 use crate::ids::DocId;
 use crate::transport::{codec, ClientMsg, Limits, RelayMsg};
 
@@ -67,6 +68,11 @@ pub struct RelayConfig {
     pub presence_per_sec: u32,
     /// Presence messages one connection may send at once before the rate applies.
     pub presence_burst: u32,
+    /// Keep the log and feeds in this PostgreSQL database instead of `data`, so that several
+    /// relay nodes can share them (see docs/scaling.md).
+    pub postgres: Option<String>,
+    /// With `postgres`: the Redis that carries changes across nodes.
+    pub redis: Option<String>,
 }
 
 impl RelayConfig {
@@ -91,6 +97,8 @@ impl RelayConfig {
             compact_after: 10_000,
             presence_per_sec: 20,
             presence_burst: 40,
+            postgres: None,
+            redis: None,
         }
     }
 }
@@ -119,13 +127,15 @@ struct Conn {
 
 struct Shared {
     cfg: RelayConfig,
-    log: Arc<RelayLog>,
+    log: Arc<dyn RelayStore>,
     conns: Mutex<Hub<Conn>>,
     permits: Arc<Semaphore>,
     stats: NetStats,
     shutdown: watch::Receiver<bool>,
     /// The `/automerge` endpoint's documents and peers.
     amrepo: Arc<AmRelay>,
+    /// Cross-node fan-out (PostgreSQL mode only).
+    bus: std::sync::OnceLock<super::bus::Bus>,
 }
 
 impl Shared {
@@ -157,7 +167,9 @@ pub struct RelayHandle {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
     /// The relay's storage, for tests and tools.
-    pub log: Arc<RelayLog>,
+    pub log: Arc<dyn RelayStore>,
+    /// With PostgreSQL and Redis: whether this node's Redis subscription is up.
+    pub bus_health: Option<watch::Receiver<bool>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -174,15 +186,7 @@ impl RelayHandle {
 pub async fn start(
     cfg: RelayConfig,
 ) -> Result<RelayHandle, Box<dyn std::error::Error + Send + Sync>> {
-    let mut log = match &cfg.data {
-        Some(path) => {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || RelayLog::open(p)).await??
-        }
-        None => RelayLog::in_memory(),
-    };
-    log.compact_after = cfg.compact_after;
-    let log = Arc::new(log);
+    let (log, pg) = open_storage(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
     // Frames are small and written one by one (write buffer 0): without TCP_NODELAY, Nagle
@@ -195,11 +199,15 @@ pub async fn start(
     let (stop, shutdown) = watch::channel(false);
     let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
         let weak = weak.clone();
-        // Changes stored from automerge-repo peers go to tandem/1 connections like a push's.
+        // Changes stored from automerge-repo peers go to tandem/1 connections like a push's,
+        // and to the other nodes when there are any.
         let fanout = Box::new(move |ns: &str, doc: DocId, msg: RelayMsg| {
             if let Some(shared) = weak.upgrade() {
                 if let Some(frame) = encode(&shared, &msg) {
-                    fan_out(&shared, ns, &doc, 0, frame);
+                    fan_out(&shared, ns, &doc, frame, 0);
+                }
+                if let Some(bus) = shared.bus.get() {
+                    bus.announce(ns, &doc, &msg);
                 }
             }
         });
@@ -211,8 +219,31 @@ pub async fn start(
             conns: Mutex::new(Hub::default()),
             stats: NetStats::default(),
             shutdown: shutdown.clone(),
+            bus: std::sync::OnceLock::new(),
         }
     });
+    if let Some(pg) = pg {
+        // Changes committed by other nodes go to this node's subscribers, like local ones.
+        let weak = Arc::downgrade(&shared);
+        let deliver: super::bus::Deliver =
+            Arc::new(move |ns: String, doc: DocId, msg: RelayMsg| {
+                if let Some(shared) = weak.upgrade() {
+                    if let Some(frame) = encode(&shared, &msg) {
+                        fan_out(&shared, &ns, &doc, frame, 0);
+                    }
+                    // automerge-repo peers of this node hold the document too.
+                    shared.amrepo.poke(&doc);
+                }
+            });
+        let bus =
+            super::bus::Bus::start(shared.cfg.redis.clone(), pg, deliver, shutdown.clone()).await;
+        let _ = shared.bus.set(bus);
+    }
+    let bus_health = shared
+        .bus
+        .get()
+        .filter(|_| shared.cfg.redis.is_some())
+        .map(|b| b.health());
     if matches!(shared.cfg.auth, Auth::InsecureNoAuth) {
         tracing::warn!("INSECURE: --insecure-no-auth is on: anyone who can reach {addr} may read and write every namespace");
     }
@@ -242,9 +273,42 @@ pub async fn start(
     Ok(RelayHandle {
         addr,
         log,
+        bus_health,
         stop,
         task,
     })
+}
+
+/// The backend `cfg` names: PostgreSQL, a sled folder, or memory.
+type Storage = (Arc<dyn RelayStore>, Option<Arc<super::postgres::PgLog>>);
+
+async fn open_storage(
+    cfg: &RelayConfig,
+) -> Result<Storage, Box<dyn std::error::Error + Send + Sync>> {
+    let compact_after = cfg.compact_after;
+    if let Some(url) = cfg.postgres.clone() {
+        let log = tokio::task::spawn_blocking(move || {
+            super::postgres::PgLog::connect(&url).map(|mut l| {
+                l.compact_after = compact_after;
+                l
+            })
+        })
+        .await??;
+        if let Some(redis) = &cfg.redis {
+            log.set_cache(redis);
+        }
+        let log = Arc::new(log);
+        return Ok((log.clone(), Some(log)));
+    }
+    let mut log = match &cfg.data {
+        Some(path) => {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || RelayLog::open(p)).await??
+        }
+        None => RelayLog::in_memory(),
+    };
+    log.compact_after = compact_after;
+    Ok((Arc::new(log), None))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -505,14 +569,14 @@ impl Connection {
     /// out its effects. `false` ends the connection.
     async fn step(
         &mut self,
-        f: impl FnOnce(&mut RelaySession, &RelayLog) -> Vec<Effect> + Send + 'static,
+        f: impl FnOnce(&mut RelaySession, &dyn RelayStore) -> Vec<Effect> + Send + 'static,
     ) -> bool {
         let Some(mut session) = self.session.take() else {
             return false;
         };
         let log = self.shared.log.clone();
         let done = tokio::task::spawn_blocking(move || {
-            let effects = f(&mut session, &log);
+            let effects = f(&mut session, &*log);
             (session, effects)
         })
         .await;
@@ -563,7 +627,10 @@ impl Outbound {
                     changes,
                 } => {
                     if let Some(frame) = encode(&self.shared, &changes) {
-                        fan_out(&self.shared, &namespace, &doc, self.id, frame);
+                        fan_out(&self.shared, &namespace, &doc, frame, self.id);
+                    }
+                    if let Some(bus) = self.shared.bus.get() {
+                        bus.announce(&namespace, &doc, &changes);
                     }
                     self.shared.amrepo.poke(&doc);
                 }
@@ -603,8 +670,8 @@ impl Outbound {
     }
 }
 
-/// Send `frame` to every tandem/1 connection subscribed to `doc` except `except` (0: none).
-fn fan_out(shared: &Shared, ns: &str, doc: &DocId, except: u64, frame: Bytes) {
+/// Send `frame` to every connection subscribed to `doc` in `ns` but `except` (0: none).
+fn fan_out(shared: &Shared, ns: &str, doc: &DocId, frame: Bytes, except: u64) {
     let conns = lock(&shared.conns);
     for (_, c) in conns.recipients(ns, doc, except) {
         match c.tx.try_send(frame.clone()) {
@@ -641,7 +708,7 @@ fn deliver_presence(shared: &Shared, out: Vec<(u64, RelayMsg)>) {
 }
 
 async fn metrics(State(shared): State<Arc<Shared>>) -> String {
-    let s = &shared.log.stats;
+    let s = shared.log.stats();
     let n = &shared.stats;
     let (requests, flushes) = shared.log.flush_counts();
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);

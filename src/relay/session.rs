@@ -5,19 +5,20 @@
 //! the session the connection's frames; the session answers with [`Effect`]s, plain values the
 //! shell carries out in order: messages to send on this connection, a new subscription, a
 //! fan-out of freshly stored changes to the other connections, a compaction to run, a close.
-//! It calls the blocking [`RelayLog`] directly (so the shell runs it on the blocking pool) and
+//! It calls the blocking [`RelayStore`] directly (so the shell runs it on the blocking pool) and
 //! owns no socket, no task and no clock: idle and handshake timeouts, connection limits and
 //! the outgoing queues stay in the shell. That is what lets the seeded simulation
 //! (`tests/it/sim.rs`) run the real relay logic with many connections on one thread.
 //!
 //! Invariant 1 (persist, then announce) lives here: a push's `Ack` and its `FanOut` come only
-//! after [`RelayLog::push`] returned, which is after the flush.
+//! after [`RelayStore::append`] and [`RelayStore::durable`] returned.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
 use super::auth::{AuthError, Claims};
-use super::log::{valid_namespace, PushError, RelayLog};
+use super::log::{valid_namespace, PushError};
+use super::storage::RelayStore;
 use crate::ids::DocId;
 use crate::transport::{
     codec, ClientMsg, ErrorCode, FeedCursor, Limits, Presence, RelayMsg, ALL_NAMESPACES,
@@ -59,10 +60,10 @@ pub enum Effect {
         doc: DocId,
         changes: RelayMsg,
     },
-    /// `doc`'s log is long enough to fold into a snapshot: run [`RelayLog::compact`] off this
+    /// `doc`'s log is long enough to fold into a snapshot: run [`RelayStore::compact`] off this
     /// connection's path (it loads the document, which is slow).
     Compact(DocId),
-    /// Everything after this waits until the relay log is durable ([`RelayLog::durable`]);
+    /// Everything after this waits until the relay log is durable ([`RelayStore::durable`]);
     /// if that fails, the rest is dropped and the connection closed (nothing may be
     /// acknowledged or fanned out that a crash could take back).
     AwaitDurable,
@@ -210,7 +211,7 @@ impl RelaySession {
     /// The relay's hello, then one feed page per cursor of the client's hello, in that order.
     /// Call it once, after registering the connection in the [`Hub`]: a change landing during
     /// catch-up is then in a page, delivered live, or both; never neither.
-    pub fn greet(&mut self, log: &RelayLog) -> Vec<Effect> {
+    pub fn greet(&mut self, log: &dyn RelayStore) -> Vec<Effect> {
         let (read, write) = match &self.claims {
             Some(c) => (c.readable(), c.write.clone()),
             None => {
@@ -252,7 +253,12 @@ impl RelaySession {
 
     /// One binary frame from the client (after the hello), arrived at `now`. An undecodable
     /// frame is fatal.
-    pub fn handle_frame(&mut self, log: &RelayLog, now: Instant, frame: &[u8]) -> Vec<Effect> {
+    pub fn handle_frame(
+        &mut self,
+        log: &dyn RelayStore,
+        now: Instant,
+        frame: &[u8],
+    ) -> Vec<Effect> {
         let limit = usize::try_from(self.cfg.limits.max_frame_bytes).unwrap_or(usize::MAX);
         match codec::decode::<ClientMsg>(frame, limit) {
             Ok(msg) => self.handle_message(log, now, msg),
@@ -267,7 +273,12 @@ impl RelaySession {
 
     /// One decoded message from the client (after the hello), arrived at `now` (only the
     /// presence rate limit looks at the time).
-    pub fn handle_message(&mut self, log: &RelayLog, now: Instant, msg: ClientMsg) -> Vec<Effect> {
+    pub fn handle_message(
+        &mut self,
+        log: &dyn RelayStore,
+        now: Instant,
+        msg: ClientMsg,
+    ) -> Vec<Effect> {
         let mut out = Vec::new();
         match msg {
             ClientMsg::Hello { .. } => return refuse(ErrorCode::BadFrame, "a second hello"),
@@ -356,7 +367,7 @@ impl RelaySession {
         self.claims.as_ref().is_none_or(|c| c.can_write(ns))
     }
 
-    fn feed(&self, log: &RelayLog, namespace: String, after: u64, out: &mut Vec<Effect>) {
+    fn feed(&self, log: &dyn RelayStore, namespace: String, after: u64, out: &mut Vec<Effect>) {
         if !self.can_read(&namespace) {
             let m = format!("this token cannot read namespace '{namespace}'");
             out.push(error(ErrorCode::Forbidden, m, None, None));
@@ -403,7 +414,14 @@ impl RelaySession {
         }
     }
 
-    fn pull(&self, log: &RelayLog, doc: DocId, after: u64, max_bytes: u64, out: &mut Vec<Effect>) {
+    fn pull(
+        &self,
+        log: &dyn RelayStore,
+        doc: DocId,
+        after: u64,
+        max_bytes: u64,
+        out: &mut Vec<Effect>,
+    ) {
         let page_bytes = match max_bytes {
             0 => self.cfg.page_bytes,
             n => n.min(self.cfg.page_bytes),
@@ -500,7 +518,7 @@ impl RelaySession {
 
     fn push(
         &self,
-        log: &RelayLog,
+        log: &dyn RelayStore,
         namespace: String,
         doc: DocId,
         batch: u64,
@@ -787,6 +805,7 @@ impl<T> Hub<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::log::RelayLog;
 
     fn cfg() -> SessionConfig {
         SessionConfig {

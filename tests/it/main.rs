@@ -3,6 +3,7 @@
 mod amrepo;
 mod bad_input;
 mod cli;
+mod cluster;
 mod crash;
 mod editors;
 mod fuzz_corpus;
@@ -10,6 +11,7 @@ mod hostile;
 mod local;
 mod migration;
 mod notes_app;
+mod pg;
 mod props;
 mod quickstart;
 mod relay;

@@ -25,7 +25,8 @@ use super::doc::{check_sync_message, CheckedSync, DocSync};
 use super::wire::{self, AmMsg, WireError, PROTOCOL_VERSION};
 use crate::ids::DocId;
 use crate::relay::auth::{AuthError, Claims};
-use crate::relay::log::{valid_namespace, RelayLog};
+use crate::relay::log::valid_namespace;
+use crate::relay::storage::RelayStore;
 use crate::transport::RelayMsg;
 
 /// Hands changes stored from automerge-repo peers to the tandem/1 fan-out:
@@ -162,7 +163,7 @@ struct DocHandle {
 /// The endpoint's shared state: the documents in memory and how to reach the log and the
 /// tandem/1 side.
 pub struct AmRelay {
-    log: Arc<RelayLog>,
+    log: Arc<dyn RelayStore>,
     cfg: AmConfig,
     docs: Mutex<HashMap<DocId, DocHandle>>,
     fanout: FanOut,
@@ -192,7 +193,7 @@ pub fn storage_id(relay_id: [u8; 16]) -> String {
 }
 
 impl AmRelay {
-    pub fn new(log: Arc<RelayLog>, cfg: AmConfig, fanout: FanOut) -> AmRelay {
+    pub fn new(log: Arc<dyn RelayStore>, cfg: AmConfig, fanout: FanOut) -> AmRelay {
         let storage_id = storage_id(log.relay_id());
         AmRelay {
             peer_id: format!("tandem-relay-{}", &storage_id[..8]),
@@ -945,7 +946,8 @@ mod tests {
     async fn heads_are_reported_only_once_durable() {
         let disk = FlakyDisk::default();
         let failing = disk.failing.clone();
-        let log = Arc::new(RelayLog::with_backend(Box::new(disk)).unwrap());
+        let log: Arc<dyn RelayStore> =
+            Arc::new(crate::relay::log::RelayLog::with_backend(Box::new(disk)).unwrap());
         let fanned = Arc::new(AtomicU64::new(0));
         let f = fanned.clone();
         let relay = Arc::new(AmRelay::new(
@@ -1012,8 +1014,9 @@ mod tests {
         let bytes = other.get_changes(&[])[0].raw_bytes().to_vec();
         relay
             .log
-            .push("default", &DocId([4; 16]), &[bytes])
+            .append("default", &DocId([4; 16]), &[bytes])
             .unwrap();
+        relay.log.durable().unwrap();
         relay.route(doc_id, send(with_change)).await;
         let reply = sync_data(&next_frame(&mut rx).await);
         assert_eq!(reply.heads, ours);
