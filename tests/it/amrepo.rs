@@ -1,6 +1,6 @@
 //! `/automerge` against the real JavaScript packages: the real relay binary, `node` running
 //! `tests/js/peer.mjs` (automerge-repo 2.5 with its WebSocket client adapter), and tandem
-//! devices over tandem/1. `.ci/run` installs the packages (`npm ci` in tests/js).
+//! devices over tandem/1. The packages are installed on first use (`npm ci` in tests/js).
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Write};
@@ -28,6 +28,33 @@ fn js_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/js")
 }
 
+/// The automerge-repo packages in tests/js: installed once (`npm ci`, exactly the lock file)
+/// when missing, so that `cargo test` alone runs these tests on a fresh checkout.
+fn js_packages() {
+    static READY: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    let ready = READY.get_or_init(|| {
+        if js_dir()
+            .join("node_modules/@automerge/automerge-repo")
+            .exists()
+        {
+            return Ok(());
+        }
+        let status = Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund", "--loglevel=error"])
+            .current_dir(js_dir())
+            .status()
+            .map_err(|e| format!("could not run npm (Node.js 20 and npm are needed): {e}"))?;
+        if status.success() {
+            Ok(())
+        } else {
+            Err(format!("`npm ci` in tests/js failed: {status}"))
+        }
+    });
+    if let Err(e) = ready {
+        panic!("the JavaScript packages for these tests are missing: {e}");
+    }
+}
+
 /// One automerge-repo peer in a node process, driven by JSON commands.
 struct JsPeer {
     child: Child,
@@ -44,12 +71,7 @@ impl JsPeer {
 
     /// `remote_heads`: with automerge-repo's remote heads gossiping on.
     fn start_with(url: &str, storage: Option<&Path>, remote_heads: bool) -> JsPeer {
-        assert!(
-            js_dir()
-                .join("node_modules/@automerge/automerge-repo")
-                .exists(),
-            "the JavaScript packages are missing: run `npm ci` in tests/js (.ci/run does)"
-        );
+        js_packages();
         let mut cmd = Command::new("node");
         cmd.arg(js_dir().join("peer.mjs")).arg(url);
         if let Some(dir) = storage {
