@@ -27,7 +27,8 @@
 //!   apply/save/load of the same documents, loopback WebSocket echo of the same frame sizes.
 //!
 //! `cargo bench --bench versus` (full sizes, a few minutes on 2 cores);
-//! `cargo bench --bench versus -- --smoke` runs every section at 1% size (CI uses it);
+//! `cargo test --bench versus -- --smoke` runs every section at 1% size in the test profile
+//! (CI does: it checks the harness still runs, never a figure);
 //! `TANDEM_BENCH_SCALE=0.1` for a quick look. Every wait is bounded by [`WAIT`]: a stuck relay
 //! fails the run, never hangs it.
 
@@ -1488,8 +1489,9 @@ fn main() {
         samod_relay(PathBuf::from(data));
         return;
     }
-    // `cargo test --benches` runs bench binaries with `--bench` absent: do nothing then.
-    if !std::env::args().any(|a| a == "--bench") {
+    // `cargo test --benches` runs bench binaries with `--bench` absent: do nothing then,
+    // unless asked for the smoke run (`cargo test --bench versus -- --smoke`, in CI).
+    if !std::env::args().any(|a| a == "--bench" || a == "--smoke") {
         return;
     }
     let only = std::env::var("TANDEM_BENCH_ONLY").unwrap_or_default();
