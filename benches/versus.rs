@@ -551,9 +551,13 @@ fn create_section(client: &Runtime) {
         } else {
             "–".into()
         },
-        match (first.2, per_doc[1].2) {
-            (Some(a), Some(b)) if a > 0.0 => {
-                format!("{:.2}× ({} → {} docs)", b / a, first.0, per_doc[1].0)
+        // samod's widest span: 500 → 2,000, or → 8,000 in the long run.
+        match (
+            first.2,
+            per_doc.iter().rev().find_map(|p| p.2.map(|c| (p.0, c))),
+        ) {
+            (Some(a), Some((d, b))) if a > 0.0 => {
+                format!("{:.2}× ({} → {d} docs)", b / a, first.0)
             }
             _ => "–".into(),
         },
