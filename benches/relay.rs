@@ -31,7 +31,7 @@ use futures_util::{Sink, SinkExt, Stream, StreamExt};
 use serde_json::json;
 use tandem::client::{sync_once, SyncConfig};
 use tandem::relay::auth::{mint, Secret};
-use tandem::relay::log::RelayLog;
+use tandem::relay::storage::RelayStore;
 use tandem::relay::{start, Auth, RelayConfig, RelayHandle};
 use tandem::transport::{codec, ClientMsg, RelayMsg, PROTOCOL_VERSION};
 use tandem::{DocId, Repo, RepoOptions, Schema};
@@ -94,43 +94,107 @@ fn runtime(name: &str) -> Runtime {
 /// would in another process), storing in a real sled folder.
 struct InProcess {
     rt: Runtime,
-    handle: Option<RelayHandle>,
+    handles: Vec<RelayHandle>,
     _dir: tempfile::TempDir,
+}
+
+/// Which relay a section measures.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Backend {
+    /// One relay on a sled folder (the default).
+    Sled,
+    /// This many relay nodes sharing one PostgreSQL (a fresh schema) and the local Redis.
+    Postgres(usize),
+}
+
+impl Backend {
+    fn label(self) -> String {
+        match self {
+            Backend::Sled => "sled".into(),
+            Backend::Postgres(1) => "PostgreSQL, 1 node".into(),
+            Backend::Postgres(n) => format!("PostgreSQL, {n} nodes"),
+        }
+    }
+}
+
+/// A fresh schema in the benchmark database (`TANDEM_BENCH_POSTGRES`, default the local
+/// `test` database), as a URL.
+fn pg_schema() -> String {
+    let base = std::env::var("TANDEM_BENCH_POSTGRES")
+        .unwrap_or_else(|_| "host=127.0.0.1 port=5432 user=postgres dbname=test".into());
+    let name = format!("tandem_bench_{:x}", rand::random::<u64>());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (client, conn) = tokio_postgres::connect(&base, tokio_postgres::NoTls)
+            .await
+            .expect("the PostgreSQL sections need a database (TANDEM_BENCH_POSTGRES)");
+        tokio::spawn(conn);
+        client
+            .batch_execute(&format!(
+                "CREATE SCHEMA {name}; COMMENT ON SCHEMA {name} IS 'tandem benchmark, droppable'"
+            ))
+            .await
+            .expect("create schema");
+    });
+    format!("{base} options='-c search_path={name}'")
 }
 
 impl InProcess {
     fn start(auth: Auth) -> InProcess {
+        InProcess::start_on(auth, Backend::Sled)
+    }
+
+    fn start_on(auth: Auth, backend: Backend) -> InProcess {
         let rt = runtime("relay");
         let dir = tempfile::tempdir().expect("tempdir");
-        let cfg = RelayConfig::new(
-            "127.0.0.1:0".parse().expect("address"),
-            Some(dir.path().join("relay")),
-            auth,
-        );
-        let handle = rt.block_on(start(cfg)).expect("relay starts");
+        let (nodes, pg) = match backend {
+            Backend::Sled => (1, None),
+            Backend::Postgres(n) => (n, Some(pg_schema())),
+        };
+        let handles = (0..nodes)
+            .map(|_| {
+                let mut cfg = RelayConfig::new(
+                    "127.0.0.1:0".parse().expect("address"),
+                    Some(dir.path().join("relay")),
+                    auth.clone(),
+                );
+                cfg.postgres = pg.clone();
+                cfg.redis = pg.as_ref().map(|_| "redis://127.0.0.1:6379".to_string());
+                rt.block_on(start(cfg)).expect("relay starts")
+            })
+            .collect();
         InProcess {
             rt,
-            handle: Some(handle),
+            handles,
             _dir: dir,
         }
     }
 
     fn handle(&self) -> &RelayHandle {
-        self.handle.as_ref().expect("relay running")
+        self.handles.first().expect("relay running")
     }
 
     fn addr(&self) -> SocketAddr {
         self.handle().addr
     }
 
-    fn log(&self) -> &RelayLog {
-        &self.handle().log
+    /// Every node's address (one for sled).
+    fn addrs(&self) -> Vec<SocketAddr> {
+        self.handles.iter().map(|h| h.addr).collect()
+    }
+
+    /// A storage counter summed over the nodes.
+    fn sum(&self, f: impl Fn(&dyn RelayStore) -> u64) -> u64 {
+        self.handles.iter().map(|h| f(&*h.log)).sum()
     }
 }
 
 impl Drop for InProcess {
     fn drop(&mut self) {
-        if let Some(h) = self.handle.take() {
+        for h in self.handles.drain(..) {
             let _ = self
                 .rt
                 .block_on(async { tokio::time::timeout(WAIT, h.shutdown()).await });
@@ -307,7 +371,7 @@ async fn push_all(ws: Ws, pushes: Vec<(DocId, Vec<Vec<u8>>)>, window: usize) -> 
 
 /// Section `acks`: N connections, each pushing its own document's changes in batches of 50,
 /// pipelined, for a fixed count.
-fn durable_acks(client: &Runtime, conns: usize, total: usize) {
+fn durable_acks(client: &Runtime, backend: Backend, conns: usize, total: usize) {
     const BATCH: usize = 50;
     const WINDOW: usize = 4;
     let per_conn = (total / conns / BATCH).max(1) * BATCH;
@@ -326,13 +390,14 @@ fn durable_acks(client: &Runtime, conns: usize, total: usize) {
         .flat_map(|(_, b)| b.iter().map(Vec::len))
         .sum();
     let changes = conns * per_conn;
-    let relay = InProcess::start(Auth::InsecureNoAuth);
-    let addr = relay.addr();
-    let (_, flushes0) = relay.log().flush_counts();
+    let relay = InProcess::start_on(Auth::InsecureNoAuth, backend);
+    let addrs = relay.addrs();
+    let flushes0 = relay.sum(|l| l.flush_counts().1);
     let (elapsed, mut latencies) = client.block_on(async move {
         let mut socks = Vec::with_capacity(conns);
-        for _ in 0..conns {
-            let mut ws = dial(addr, None).await;
+        for c in 0..conns {
+            // Connections spread over the nodes.
+            let mut ws = dial(addrs[c % addrs.len()], None).await;
             handshake(&mut ws).await;
             // A pusher that follows only its own document: the others' changes would turn
             // this into a fan-out test.
@@ -351,17 +416,17 @@ fn durable_acks(client: &Runtime, conns: usize, total: usize) {
         }
         (t0.elapsed(), all)
     });
-    let (_, flushes) = relay.log().flush_counts();
-    let pushes = relay.log().stats.pushes.load(Ordering::Relaxed);
-    let accepted = relay.log().stats.changes_accepted.load(Ordering::Relaxed);
+    let flushes = relay.sum(|l| l.flush_counts().1);
+    let pushes = relay.sum(|l| l.stats().pushes.load(Ordering::Relaxed));
+    let accepted = relay.sum(|l| l.stats().changes_accepted.load(Ordering::Relaxed));
     assert_eq!(accepted, changes as u64, "every change stored once");
     row(
-        &format!("durable acks, {conns} connections"),
+        &format!("durable acks, {conns} connections, {}", backend.label()),
         format!("{:.0} changes/s", changes as f64 / elapsed.as_secs_f64()),
         "≥ 20,000/s",
         &format!(
             "{changes} changes of {:.0} B avg, {BATCH} per push, ≤ {WINDOW} pushes in flight per connection, in {}; \
-             ack latency p50 {} / p99 {}; {:.1} pushes per flush",
+             ack latency p50 {} / p99 {}; {:.1} pushes per flush (or commit)",
             bytes as f64 / changes as f64,
             ms(elapsed),
             ms(pct(&mut latencies, 0.5)),
@@ -443,7 +508,14 @@ impl Broadcaster {
 /// Section `fanout`: `subs` connections subscribed to one namespace; one pusher sends `rate`
 /// changes/s to one document in it, one change per push, paced; every subscriber timestamps
 /// each arrival.
-fn fan_out(client: &Runtime, server: FanOutServer, subs: usize, rate: u32, secs: f64) {
+fn fan_out(
+    client: &Runtime,
+    server: FanOutServer,
+    backend: Backend,
+    subs: usize,
+    rate: u32,
+    secs: f64,
+) {
     let n = ((rate as f64 * secs) as usize).max(1);
     let changes = note_changes(n, 0);
     let size = changes.iter().map(Vec::len).sum::<usize>() / n;
@@ -482,22 +554,27 @@ fn fan_out(client: &Runtime, server: FanOutServer, subs: usize, rate: u32, secs:
         })
         .collect();
     let (relay, bare) = match server {
-        FanOutServer::Relay => (Some(InProcess::start(Auth::InsecureNoAuth)), None),
+        FanOutServer::Relay => (
+            Some(InProcess::start_on(Auth::InsecureNoAuth, backend)),
+            None,
+        ),
         FanOutServer::Bare => (None, Some(Broadcaster::start())),
     };
-    let addr = match (&relay, &bare) {
-        (Some(r), _) => r.addr(),
-        (_, Some(b)) => b.addr,
+    let addrs = match (&relay, &bare) {
+        (Some(r), _) => r.addrs(),
+        (_, Some(b)) => vec![b.addr],
         _ => unreachable!("one server runs"),
     };
+    // The pusher on the first node, the subscribers spread over all of them.
+    let addr = addrs[0];
     let cpu0 = cpu_seconds();
     let wall0 = Instant::now();
     let (mut latencies, acked) = client.block_on(async move {
         let base = Instant::now();
         let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n).map(|_| AtomicU64::new(0)).collect());
         let mut listeners = Vec::with_capacity(subs);
-        for _ in 0..subs {
-            let mut ws = dial(addr, None).await;
+        for s in 0..subs {
+            let mut ws = dial(addrs[s % addrs.len()], None).await;
             if server == FanOutServer::Relay {
                 handshake(&mut ws).await;
                 subscribe(&mut ws, &[NAMESPACE]).await;
@@ -508,7 +585,9 @@ fn fan_out(client: &Runtime, server: FanOutServer, subs: usize, rate: u32, secs:
                 // One deadline for the whole run rather than a timer per frame: 100,000 timer
                 // registrations a second would cost this process more than the frames do.
                 let all = async {
-                    for _ in 0..n {
+                    // Several nodes may deliver a change twice (pub/sub and the feed poll):
+                    // the first arrival counts.
+                    for _ in 0..2 * n + 16 {
                         if got == n {
                             break;
                         }
@@ -518,8 +597,11 @@ fn fan_out(client: &Runtime, server: FanOutServer, subs: usize, rate: u32, secs:
                                 match codec::decode(&b, MAX_FRAME).expect("decode") {
                                     RelayMsg::Changes { from, to, .. } => {
                                         for seq in from..=to {
-                                            arrived[seq as usize - 1] = nanos(base, at);
-                                            got += 1;
+                                            let slot = &mut arrived[seq as usize - 1];
+                                            if *slot == 0 {
+                                                *slot = nanos(base, at);
+                                                got += 1;
+                                            }
                                         }
                                     }
                                     other => panic!("expected live changes, got {}", brief(&other)),
@@ -613,7 +695,10 @@ fn fan_out(client: &Runtime, server: FanOutServer, subs: usize, rate: u32, secs:
     let max = *latencies.iter().max().expect("samples");
     let (name, target, what) = match server {
         FanOutServer::Relay => (
-            format!("fan-out, {subs} subscribers, {rate} changes/s"),
+            format!(
+                "fan-out, {subs} subscribers, {rate} changes/s, {}",
+                backend.label()
+            ),
             "p99 ≤ 20 ms",
             "push sent → subscriber received",
         ),
@@ -1127,12 +1212,30 @@ fn main() {
     println!("|---|---|---|---|");
     if on("acks") {
         for conns in [8, 32] {
-            durable_acks(&client, conns, scaled(64_000));
+            durable_acks(&client, Backend::Sled, conns, scaled(64_000));
         }
     }
     if on("fanout") {
         for server in [FanOutServer::Relay, FanOutServer::Bare] {
-            fan_out(&client, server, 100, 1000, 3.0 * scale());
+            fan_out(&client, server, Backend::Sled, 100, 1000, 3.0 * scale());
+        }
+    }
+    // Section `scale`: the same acks and fan-out on sled, then PostgreSQL with 1 and 3 nodes,
+    // one after the other in one run (docs/scaling.md).
+    if on("scale") {
+        let backends = [Backend::Sled, Backend::Postgres(1), Backend::Postgres(3)];
+        for backend in backends {
+            durable_acks(&client, backend, 32, scaled(64_000));
+        }
+        for backend in backends {
+            fan_out(
+                &client,
+                FanOutServer::Relay,
+                backend,
+                100,
+                1000,
+                3.0 * scale(),
+            );
         }
     }
     if on("reconnect") {

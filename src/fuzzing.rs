@@ -120,3 +120,31 @@ pub fn schema(data: &[u8]) {
         let _ = Schema::from_toml(text);
     }
 }
+
+/// The `/automerge` decoders: the CBOR codec (what decodes re-encodes stably), the message
+/// decoder, and for a sync message the checks and Automerge's sync protocol on the relay's
+/// side (a fresh document syncing with whatever the bytes say).
+pub fn automerge_repo(data: &[u8]) {
+    use crate::relay::amrepo::{cbor, doc, wire};
+    let limits = cbor::DecodeLimits::default();
+    if let Ok(v) = cbor::decode(data, limits) {
+        let once = cbor::encode(&v);
+        let again = cbor::decode(&once, limits).expect("an encoded value decodes");
+        assert_eq!(cbor::encode(&again), once);
+    }
+    if let Ok(wire::AmMsg::Sync { data, .. }) = wire::decode(data, limits) {
+        fuzz_sync(&data);
+    }
+    // The raw bytes as a sync message too: most fuzz inputs never form a valid CBOR frame.
+    fuzz_sync(data);
+
+    fn fuzz_sync(data: &[u8]) {
+        if let Ok(msg) = doc::check_sync_message(data) {
+            let mut d: doc::DocSync<u8> = doc::DocSync::default();
+            let before = d.heads();
+            let _ = d.receive(1, msg, true);
+            let _ = d.changes_since(&before);
+            let _ = d.outgoing();
+        }
+    }
+}

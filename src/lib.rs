@@ -37,6 +37,11 @@
 //!
 //! See `docs/architecture.md` for the whole picture.
 
+/// The example in `docs/embedding.md` runs as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../docs/embedding.md")]
+pub struct EmbeddingGuide;
+
 pub mod client;
 pub mod crdt;
 pub mod error;
@@ -48,11 +53,14 @@ pub mod repo;
 pub mod store;
 pub mod transport;
 
+pub use crdt::editing::{MarkSpan, Patch, PatchAction, PathElem, Style, TextCursor};
 pub use crdt::history::{ChangeInfo, FieldDiff};
 pub use crdt::schema::{Schema, Strategy};
 pub use crdt::{ConflictVersion, FieldConflict};
 pub use error::Error;
 pub use ids::{DeviceId, DocId};
 pub use repo::{
-    Applied, ConnState, Direction, DocStatus, Entity, Entropy, Event, Origin, Repo, RepoOptions, Tx,
+    Applied, ConnState, Direction, DocStatus, Entity, Entropy, Event, Origin, Peer, Repo,
+    RepoOptions, Tx,
 };
+pub use transport::{Presence, Selection};

@@ -12,18 +12,20 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use automerge::transaction::{CommitOptions, Transactable};
-use automerge::{ActorId, Automerge, Change, ChangeHash, ReadDoc, ROOT};
+use automerge::{ActorId, Automerge, Change, ChangeHash, PatchLog, ReadDoc, ROOT};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tokio::sync::broadcast;
 
+use crate::crdt::editing::{self, MarkSpan, Patch, Style, TextCursor};
 use crate::crdt::history::{self, ChangeInfo, FieldDiff, FindChange};
 use crate::crdt::schema::Schema;
 use crate::crdt::{self, migrate, EntityError, FieldConflict, View, Writer};
 use crate::error::Error;
 use crate::ids::{DeviceId, DocId};
 use crate::store::{DocMeta, Store, StoreError, StoreOptions};
+use crate::transport::Presence;
 
 /// The namespace of documents created without one.
 pub const DEFAULT_NAMESPACE: &str = "default";
@@ -129,11 +131,13 @@ pub enum Origin {
 /// Something that happened in the repo. Sent only after it is durable.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Event {
-    /// A document changed; `heads` are its new heads (hex).
+    /// A document changed; `heads` are its new heads (hex), `patches` what changed, in order
+    /// (apply them to what a UI shows instead of reading the document again).
     Changed {
         doc: DocId,
         origin: Origin,
         heads: Vec<String>,
+        patches: Arc<[Patch]>,
     },
     /// A field's concurrent values started to differ.
     ConflictOpened { doc: DocId, field: String },
@@ -143,6 +147,8 @@ pub enum Event {
     Status { doc: DocId, status: DocStatus },
     /// The connection to the relay changed state.
     Connection(ConnState),
+    /// Who else is in `doc`, or where their caret is, changed: read [`Repo::presence`].
+    Presence { doc: DocId },
     /// Sync progress of the current burst of transfers, per direction. Change counts are
     /// known up front (from the relay's feed, or the outbox); byte totals grow as pages reveal
     /// what remains. Both `done` values only grow, and a burst ends with done == total.
@@ -245,6 +251,26 @@ impl Tx<'_, '_> {
     ) -> Result<(), EntityError> {
         self.writer.splice_text(field, pos, del, text)
     }
+    /// Style characters `start..end` of a text field: bold, italic, a link, a comment.
+    pub fn mark(
+        &mut self,
+        field: &str,
+        start: usize,
+        end: usize,
+        style: &Style,
+    ) -> Result<(), EntityError> {
+        self.writer.mark(field, start, end, style)
+    }
+    /// Remove the mark called `mark` (`"bold"`, `"link"`, ...) from characters `start..end`.
+    pub fn unmark(
+        &mut self,
+        field: &str,
+        start: usize,
+        end: usize,
+        mark: &str,
+    ) -> Result<(), EntityError> {
+        self.writer.unmark(field, start, end, mark)
+    }
     /// Add to a counter field.
     pub fn increment(&mut self, field: &str, by: i64) -> Result<(), EntityError> {
         self.writer.increment(field, by)
@@ -273,8 +299,30 @@ struct Loaded {
     meta: DocMeta,
 }
 
+/// Someone else present in a document: the relay's number for their connection, and what
+/// they announce.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Peer {
+    pub peer: u64,
+    pub presence: Presence,
+}
+
+/// Presence on this device: what it announces, and whom it sees. Ephemeral: never stored.
+#[derive(Default)]
+struct PresenceBook {
+    /// What this device announces, per document it is in.
+    local: HashMap<DocId, Presence>,
+    /// Documents whose announcement changed since the sync task last looked.
+    dirty: BTreeMap<DocId, Option<Presence>>,
+    /// The others, per document, by peer number.
+    peers: HashMap<DocId, BTreeMap<u64, Presence>>,
+}
+
 struct Inner {
     store: Store,
+    presence: Mutex<PresenceBook>,
+    /// Wakes the sync task when this device's presence changed.
+    presence_changed: tokio::sync::Notify,
     opts: RepoOptions,
     actor: ActorId,
     docs: Mutex<HashMap<DocId, Arc<Mutex<Loaded>>>>,
@@ -367,6 +415,8 @@ impl Repo {
                 store,
                 opts,
                 docs: Mutex::new(HashMap::new()),
+                presence: Mutex::new(PresenceBook::default()),
+                presence_changed: tokio::sync::Notify::new(),
                 events,
                 syncing: Mutex::new(HashMap::new()),
             }),
@@ -458,11 +508,13 @@ impl Repo {
             .store
             .append(&id, &mut meta, &[change.raw_bytes().to_vec()], true)?;
         let heads = hex_heads(&doc.get_heads());
+        let patches = editing::patches(&doc, schema, &[], &doc.get_heads()).into();
         self.cache(id, Loaded { doc, meta });
         self.emit(Event::Changed {
             doc: id,
             origin: Origin::Local,
             heads,
+            patches,
         });
         self.emit_status(&id);
         Ok(id)
@@ -615,11 +667,19 @@ impl Repo {
         let mut l = lock(&entry);
         let schema = self.schema();
         let before = crdt::conflict_map(&View::new(&l.doc, schema));
+        let before_heads = l.doc.get_heads();
         let mut changes: Vec<Change> = match schema {
             Some(s) => migrate::migrate(&mut l.doc, id, s)?,
             None => Vec::new(),
         };
-        let mut tx = l.doc.transaction();
+        // Patches are logged as the transaction runs: diffing afterwards would cost time in
+        // proportion to the document's history on every keystroke.
+        let migrated = !changes.is_empty();
+        let mut tx = l
+            .doc
+            .transaction_log_patches(PatchLog::active())
+            // Automerge refuses only a log already bound to another document; this one is new.
+            .expect("a fresh patch log fits any document");
         let result = {
             let mut t = Tx {
                 writer: Writer {
@@ -653,7 +713,7 @@ impl Repo {
         if let Some(m) = message {
             opts = opts.with_message(m);
         }
-        let (hash, _) = tx.commit_with(opts);
+        let (hash, mut log) = tx.commit_with(opts);
         if hash.is_some() {
             if let Some(c) = l.doc.get_last_local_change() {
                 changes.push(c);
@@ -664,12 +724,21 @@ impl Repo {
         }
         self.persist_local(id, &mut l, &changes)?;
         let after = crdt::conflict_map(&View::new(&l.doc, schema));
-        let heads = hex_heads(&l.doc.get_heads());
+        let now = l.doc.get_heads();
+        let patches = if migrated {
+            // A migration's changes came before the logged transaction (rare: once per schema
+            // version per document).
+            editing::patches(&l.doc, schema, &before_heads, &now)
+        } else {
+            editing::convert(&l.doc, schema, l.doc.make_patches(&mut log))
+        }
+        .into();
         drop(l);
         self.emit(Event::Changed {
             doc: *id,
             origin: Origin::Local,
-            heads,
+            heads: hex_heads(&now),
+            patches,
         });
         self.emit_conflicts(id, &before, &after);
         self.emit_status(id);
@@ -845,6 +914,59 @@ impl Repo {
         Ok(history::diff(&l.doc, self.schema(), &[a], &b))
     }
 
+    /// The text object of text field `field`, and the document locked.
+    fn with_text<T>(
+        &self,
+        id: &DocId,
+        field: &str,
+        f: impl FnOnce(&Automerge, &automerge::ObjId) -> Result<T, String>,
+    ) -> Result<T, Error> {
+        let entry = self.entry(id)?;
+        let l = lock(&entry);
+        let view = View::new(&l.doc, self.schema());
+        let fr = view.field(field)?;
+        let invalid = |reason: String| {
+            Error::Entity(EntityError::InvalidValue {
+                field: field.to_string(),
+                reason,
+            })
+        };
+        if fr.strategy != crate::Strategy::Text {
+            return Err(invalid(format!(
+                "a {} field has no text positions",
+                fr.strategy.name()
+            )));
+        }
+        let obj = editing::text_obj(&l.doc, &fr.key)
+            .ok_or_else(|| invalid("the document holds no text here yet".into()))?;
+        f(&l.doc, &obj).map_err(invalid)
+    }
+
+    /// A stable cursor at character `pos` of text field `field` (`pos` may be the text's
+    /// length: a cursor that stays at the end). Resolve it with [`Repo::cursor_position`]
+    /// after any edits, local or remote.
+    pub fn cursor(&self, id: &DocId, field: &str, pos: usize) -> Result<TextCursor, Error> {
+        self.with_text(id, field, |doc, obj| editing::cursor_at(doc, obj, pos))
+    }
+
+    /// Where `cursor` points now in text field `field`. A cursor whose character was deleted
+    /// moves to the next character still there.
+    pub fn cursor_position(
+        &self,
+        id: &DocId,
+        field: &str,
+        cursor: &TextCursor,
+    ) -> Result<usize, Error> {
+        self.with_text(id, field, |doc, obj| {
+            editing::cursor_position(doc, obj, cursor)
+        })
+    }
+
+    /// The marks (bold, italic, links, comments...) on text field `field`, in text order.
+    pub fn marks(&self, id: &DocId, field: &str) -> Result<Vec<MarkSpan>, Error> {
+        self.with_text(id, field, |doc, obj| Ok(editing::marks(doc, obj)))
+    }
+
     /// The sync status of a document.
     pub fn status(&self, id: &DocId) -> Result<DocStatus, Error> {
         let entry = self.entry(id)?;
@@ -961,7 +1083,12 @@ impl Repo {
             return Ok(Applied::default());
         }
         let offered = fresh.len();
-        let applied = guarded(|| l.doc.apply_changes(fresh).map_err(|e| e.to_string()));
+        let mut log = PatchLog::active();
+        let applied = guarded(|| {
+            l.doc
+                .apply_changes_log_patches(fresh, &mut log)
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = applied {
             self.reload(id, &mut l);
             return Err(Error::InvalidData(e));
@@ -988,12 +1115,14 @@ impl Repo {
         }
         l.meta = meta;
         let after = crdt::conflict_map(&View::new(&l.doc, schema));
-        let heads = hex_heads(&l.doc.get_heads());
+        let now = l.doc.get_heads();
+        let patches = editing::convert(&l.doc, schema, l.doc.make_patches(&mut log)).into();
         drop(l);
         self.emit(Event::Changed {
             doc: *id,
             origin: if local { Origin::Local } else { Origin::Remote },
-            heads,
+            heads: hex_heads(&now),
+            patches,
         });
         self.emit_conflicts(id, &before, &after);
         self.emit_status(id);
@@ -1050,6 +1179,107 @@ impl Repo {
             .iter()
             .map(|c| c.raw_bytes().to_vec())
             .collect())
+    }
+
+    /// Announce this device's presence in `doc` (its name, colour and caret) to the others
+    /// in it, through the relay while connected; `None` leaves the document. Cheap: call it on
+    /// every caret move; the sync task sends at most one update per document every 50 ms, and
+    /// repeats the latest while connected so that it does not expire elsewhere.
+    pub fn set_presence(&self, doc: &DocId, presence: Option<Presence>) {
+        {
+            let mut book = lock(&self.inner.presence);
+            match &presence {
+                Some(p) => {
+                    if book.local.get(doc) == Some(p) {
+                        return;
+                    }
+                    book.local.insert(*doc, p.clone());
+                }
+                None => {
+                    if book.local.remove(doc).is_none() {
+                        return;
+                    }
+                }
+            }
+            book.dirty.insert(*doc, presence);
+        }
+        self.inner.presence_changed.notify_one();
+    }
+
+    /// The others present in `doc` right now, by peer number. Empty while offline: presence is
+    /// only what the relay tells live.
+    pub fn presence(&self, doc: &DocId) -> Vec<Peer> {
+        lock(&self.inner.presence)
+            .peers
+            .get(doc)
+            .map(|m| {
+                m.iter()
+                    .map(|(peer, p)| Peer {
+                        peer: *peer,
+                        presence: p.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// What this device announces in each document it is in.
+    pub(crate) fn local_presence(&self) -> Vec<(DocId, Presence)> {
+        lock(&self.inner.presence)
+            .local
+            .iter()
+            .map(|(d, p)| (*d, p.clone()))
+            .collect()
+    }
+
+    /// The announcements changed since the last call.
+    pub(crate) fn take_presence_changes(&self) -> Vec<(DocId, Option<Presence>)> {
+        std::mem::take(&mut lock(&self.inner.presence).dirty)
+            .into_iter()
+            .collect()
+    }
+
+    /// Resolves when [`set_presence`](Self::set_presence) changed something (for the sync
+    /// task).
+    pub(crate) async fn presence_changed(&self) {
+        self.inner.presence_changed.notified().await
+    }
+
+    /// What the relay said of peer `peer` in `doc` (`None`: gone).
+    pub(crate) fn put_peer(&self, doc: &DocId, peer: u64, state: Option<Presence>) {
+        let changed = {
+            let mut book = lock(&self.inner.presence);
+            match state {
+                Some(p) => {
+                    let peers = book.peers.entry(*doc).or_default();
+                    peers.insert(peer, p.clone()) != Some(p)
+                }
+                None => {
+                    let removed = book
+                        .peers
+                        .get_mut(doc)
+                        .is_some_and(|m| m.remove(&peer).is_some());
+                    if book.peers.get(doc).is_some_and(|m| m.is_empty()) {
+                        book.peers.remove(doc);
+                    }
+                    removed
+                }
+            }
+        };
+        if changed {
+            self.emit(Event::Presence { doc: *doc });
+        }
+    }
+
+    /// The connection to the relay ended: nobody is known to be anywhere any more.
+    pub(crate) fn clear_peers(&self) {
+        let docs: Vec<DocId> = {
+            let mut book = lock(&self.inner.presence);
+            book.peers.drain().map(|(d, _)| d).collect()
+        };
+        for doc in docs {
+            self.emit(Event::Presence { doc });
+        }
     }
 
     /// Record sync progress for a document (the sync layer calls this); `None` clears it.

@@ -64,6 +64,8 @@ const MAX_ISSUES: usize = 256;
 /// Own acknowledged seqs remembered per document to step the cursor over; past this the
 /// client just pulls its own changes back (harmless).
 const MAX_OWN_SEQS: usize = 65_536;
+/// Peers (over all documents) whose presence is kept; more are ignored.
+const MAX_PEERS: usize = 4096;
 /// The longest a retried request waits.
 const MAX_RETRY: Duration = Duration::from_secs(60);
 
@@ -88,6 +90,11 @@ pub struct SessionConfig {
     /// First delay before retrying a request the relay answered `RateLimited` or `Internal`;
     /// it doubles per retry of the same document, up to a minute.
     pub retry_after: Duration,
+    /// Another device's presence is dropped when nothing of it was heard for this long; this
+    /// device repeats its own every third of it.
+    pub presence_ttl: Duration,
+    /// At most one presence update per document is sent per this interval (the latest wins).
+    pub presence_interval: Duration,
 }
 
 impl Default for SessionConfig {
@@ -101,6 +108,8 @@ impl Default for SessionConfig {
             max_queued_pulls: 4096,
             max_snapshot_bytes: crate::repo::MAX_IMPORT_BYTES,
             retry_after: Duration::from_secs(1),
+            presence_ttl: Duration::from_secs(30),
+            presence_interval: Duration::from_millis(50),
         }
     }
 }
@@ -344,6 +353,20 @@ pub struct ClientSession {
     stats: SessionStats,
     pushed_docs: HashSet<DocId>,
     pulled_docs: HashSet<DocId>,
+    presence: PresenceState,
+}
+
+/// The session's side of presence: what waits to be sent, and when each peer was last heard.
+#[derive(Default)]
+struct PresenceState {
+    /// The next update to send per document (the latest replaces an unsent one).
+    due: BTreeMap<DocId, Option<crate::transport::Presence>>,
+    /// When an update of each document was last sent.
+    sent: HashMap<DocId, Instant>,
+    /// When everything this device announces is sent again; `None` until the hello.
+    refresh_at: Option<Instant>,
+    /// When each peer, per document, was last heard.
+    heard: BTreeMap<(DocId, u64), Instant>,
 }
 
 impl ClientSession {
@@ -413,6 +436,7 @@ impl ClientSession {
             stats: SessionStats::default(),
             pushed_docs: HashSet::new(),
             pulled_docs: HashSet::new(),
+            presence: PresenceState::default(),
         })
     }
 
@@ -480,6 +504,17 @@ impl ClientSession {
         })
     }
 
+    /// This device's presence changed ([`Repo::set_presence`]): send the updates (now, or once
+    /// the per-document interval has passed).
+    pub fn presence_changed(&mut self, now: Instant, repo: &Repo) -> Result<(), SyncError> {
+        self.step(now, repo, |s, repo| {
+            for (doc, state) in repo.take_presence_changes() {
+                s.presence.due.insert(doc, state);
+            }
+            s.pump(repo)
+        })
+    }
+
     /// The next message to send, if any.
     pub fn poll_transmit(&mut self) -> Option<ClientMsg> {
         let msg = self.out.pop_front()?;
@@ -503,6 +538,18 @@ impl ClientSession {
         };
         for (due, _) in &self.retries {
             at = at.min(*due);
+        }
+        let p = &self.presence;
+        if let Some(r) = p.refresh_at {
+            at = at.min(r);
+        }
+        for doc in p.due.keys() {
+            if let Some(sent) = p.sent.get(doc) {
+                at = at.min(*sent + self.cfg.presence_interval);
+            }
+        }
+        if let Some(heard) = p.heard.values().min() {
+            at = at.min(*heard + self.cfg.presence_ttl);
         }
         Some(at)
     }
@@ -643,6 +690,19 @@ impl ClientSession {
             } => self.on_snapshot(repo, doc, namespace, upto, chunk, chunks, bytes),
             RelayMsg::Ack { doc, batch, seqs } => self.on_ack(repo, doc, batch, &seqs),
             RelayMsg::NeedHistory { doc, batch } => self.on_need_history(repo, doc, batch),
+            RelayMsg::Presence { doc, peer, state } => {
+                let known = self.presence.heard.contains_key(&(doc, peer));
+                if state.is_some() && !known && self.presence.heard.len() >= MAX_PEERS {
+                    // A relay that names too many peers: the rest go unseen.
+                    return Ok(());
+                }
+                match &state {
+                    Some(_) => self.presence.heard.insert((doc, peer), self.now),
+                    None => self.presence.heard.remove(&(doc, peer)),
+                };
+                repo.put_peer(&doc, peer, state);
+                Ok(())
+            }
         }
     }
 
@@ -1353,11 +1413,81 @@ impl ClientSession {
 
     // ---- outputs ------------------------------------------------------------------------
 
+    /// Presence: drop peers not heard within the TTL, repeat this device's announcements
+    /// when due, and send the updates whose interval has passed.
+    fn pump_presence(&mut self, repo: &Repo) {
+        let now = self.now;
+        let ttl = self.cfg.presence_ttl;
+        let p = &mut self.presence;
+        let expired: Vec<(DocId, u64)> = p
+            .heard
+            .iter()
+            .filter(|(_, at)| **at + ttl <= now)
+            .map(|(k, _)| *k)
+            .collect();
+        for (doc, peer) in expired {
+            p.heard.remove(&(doc, peer));
+            repo.put_peer(&doc, peer, None);
+        }
+        let local = repo.local_presence();
+        if local.is_empty() {
+            // Nothing to repeat: no timer.
+            p.refresh_at = None;
+        } else if p.refresh_at.is_none_or(|at| at <= now) {
+            // The first time after the hello (a re-announce after reconnecting), then every
+            // third of the TTL.
+            for (doc, state) in local {
+                p.due.entry(doc).or_insert(Some(state));
+                // A repeat goes out now, whatever the interval says.
+                p.sent.remove(&doc);
+            }
+            p.refresh_at = Some(now + ttl / 3);
+        }
+        let interval = self.cfg.presence_interval;
+        let ready: Vec<DocId> = p
+            .due
+            .keys()
+            .filter(|d| p.sent.get(d).is_none_or(|at| *at + interval <= now))
+            .copied()
+            .collect();
+        let mut refused = Vec::new();
+        for doc in ready {
+            let Some(state) = p.due.remove(&doc) else {
+                continue;
+            };
+            let Ok(meta) = repo.meta(&doc) else {
+                continue;
+            };
+            if let Some(Err(m)) = state.as_ref().map(crate::transport::Presence::check) {
+                // The relay would refuse it: say so here instead.
+                refused.push(DocIssue {
+                    doc: Some(doc),
+                    direction: Direction::Upload,
+                    code: None,
+                    message: format!("presence not sent: {m}"),
+                });
+                continue;
+            }
+            p.sent.insert(doc, now);
+            if self.out.len() < MAX_OUT {
+                self.out.push_back(ClientMsg::Presence {
+                    namespace: meta.namespace,
+                    doc,
+                    state,
+                });
+            }
+        }
+        for issue in refused {
+            self.report(issue);
+        }
+    }
+
     /// Turn queued work into messages, within the in-flight bounds.
     fn pump(&mut self, repo: &Repo) -> Result<(), SyncError> {
         if self.relay.is_none() {
             return Ok(());
         }
+        self.pump_presence(repo);
         if self.pulls.queue.len() < self.cfg.max_queued_pulls {
             for (ns, feed) in &mut self.feeds {
                 if feed.requested {
@@ -1800,5 +1930,6 @@ fn msg_name(msg: &RelayMsg) -> &'static str {
         RelayMsg::Error { .. } => "Error",
         RelayMsg::Ping { .. } => "Ping",
         RelayMsg::Pong { .. } => "Pong",
+        RelayMsg::Presence { .. } => "Presence",
     }
 }

@@ -68,6 +68,9 @@ pub struct SyncConfig {
     pub ping_every: Duration,
     /// Give up on a connection silent this long after a ping (also the connect timeout).
     pub dead_after: Duration,
+    /// Others' presence is dropped when not heard of for this long (see
+    /// [`Repo::set_presence`](crate::Repo::set_presence)).
+    pub presence_ttl: Duration,
 }
 
 impl SyncConfig {
@@ -87,6 +90,7 @@ impl SyncConfig {
             max_pull_bytes: session.max_pull_bytes,
             ping_every: session.ping_every,
             dead_after: session.dead_after,
+            presence_ttl: session.presence_ttl,
         }
     }
 
@@ -107,6 +111,7 @@ impl SyncConfig {
             max_pull_bytes: self.max_pull_bytes,
             ping_every: self.ping_every,
             dead_after: self.dead_after,
+            presence_ttl: self.presence_ttl,
             ..SessionConfig::default()
         }
     }
@@ -122,6 +127,7 @@ impl std::fmt::Debug for SyncConfig {
             .field("max_pull_bytes", &self.max_pull_bytes)
             .field("ping_every", &self.ping_every)
             .field("dead_after", &self.dead_after)
+            .field("presence_ttl", &self.presence_ttl)
             .finish()
     }
 }
@@ -509,6 +515,9 @@ async fn connect_round(
         *preferred = index;
         let mut link = Link::start(ws, repo, cfg, shared.clone()).await?;
         let end = drive(&mut link, control, waiters, events, false).await;
+        // Presence is what the relay tells live: with the connection gone, nobody is known to
+        // be anywhere.
+        repo.clear_peers();
         if let Some(at) = link.online_at {
             backoff.connected(at);
             *max_frame = lock(&link.session)
@@ -720,6 +729,7 @@ enum Input {
     Timeout,
     Event(Option<Result<Event, RecvError>>),
     Control(Option<Waiter>),
+    Presence,
 }
 
 /// How a connection loop ended without an error.
@@ -771,6 +781,7 @@ async fn drive(
             () = sleep_until(deadline) => Input::Timeout,
             event = next_event(events) => Input::Event(event),
             waiter = control.recv() => Input::Control(waiter),
+            () = link.repo.presence_changed() => Input::Presence,
         };
         match input {
             Input::Frame(frame) => {
@@ -786,6 +797,10 @@ async fn drive(
             Input::Event(event) => {
                 let (docs, lagged) = local_changes(event, events);
                 note_local_changes(link, docs, lagged).await?;
+            }
+            Input::Presence => {
+                link.step(|s, r| s.presence_changed(Instant::now(), r))
+                    .await?
             }
             Input::Control(None) => {
                 link.close().await;

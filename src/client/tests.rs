@@ -1001,3 +1001,78 @@ fn relay_urls_get_the_protocol_path_only_when_they_have_none() {
     let cfg = SyncConfig::new("ws://a:1").token("secret");
     assert!(!format!("{cfg:?}").contains("secret"));
 }
+
+fn presence_named(name: &str) -> crate::transport::Presence {
+    crate::transport::Presence {
+        name: name.into(),
+        color: 0x112233,
+        selection: None,
+    }
+}
+
+fn presence_sent(sent: &[ClientMsg]) -> Vec<Option<String>> {
+    sent.iter()
+        .filter_map(|m| match m {
+            ClientMsg::Presence { state, .. } => Some(state.as_ref().map(|p| p.name.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn presence_is_coalesced_repeated_and_expires_after_its_ttl() {
+    let repo = repo("ada");
+    let doc = local_doc(&repo, 0);
+    let (mut c, _) = Client::ready(&repo, hello(1));
+    c.recv(feed(&[], 0, false)).unwrap();
+    c.sent();
+    // Three caret moves at once: the first goes out, the latest follows after the interval.
+    for name in ["a1", "a2", "a3"] {
+        repo.set_presence(&doc, Some(presence_named(name)));
+        c.session.presence_changed(c.now, &repo).unwrap();
+    }
+    assert_eq!(presence_sent(&c.sent()), [Some("a1".to_string())]);
+    let next = c.now + Duration::from_millis(50);
+    assert!(c.session.poll_timeout() <= Some(next));
+    c.now = next;
+    c.session.handle_timeout(c.now, &repo).unwrap();
+    assert_eq!(presence_sent(&c.sent()), [Some("a3".to_string())]);
+
+    // A peer is listed until nothing of it was heard for the TTL (30 s).
+    c.now = c.t0 + Duration::from_secs(1);
+    c.recv(RelayMsg::Presence {
+        doc,
+        peer: 9,
+        state: Some(presence_named("bob")),
+    })
+    .unwrap();
+    assert_eq!(repo.presence(&doc)[0].presence.name, "bob");
+    // Our own is repeated every third of the TTL, so that it does not expire elsewhere.
+    c.at(10).unwrap();
+    assert_eq!(presence_sent(&c.sent()), [Some("a3".to_string())]);
+    c.at(30).unwrap();
+    assert_eq!(repo.presence(&doc).len(), 1, "heard 29 s ago");
+    assert!(c.session.poll_timeout() <= Some(c.t0 + Duration::from_secs(31)));
+    c.at(31).unwrap();
+    assert!(repo.presence(&doc).is_empty(), "expired");
+    assert_eq!(
+        presence_sent(&c.sent()),
+        [Some("a3".to_string())],
+        "repeated at 20 s"
+    );
+
+    // Leaving is sent too, and ends the repeats.
+    repo.set_presence(&doc, None);
+    c.session.presence_changed(c.now, &repo).unwrap();
+    assert_eq!(presence_sent(&c.sent()), [None]);
+    c.at(45).unwrap();
+    assert!(presence_sent(&c.sent()).is_empty(), "no repeat at 40 s");
+
+    // A presence the relay would refuse is not sent; the document keeps syncing.
+    repo.set_presence(&doc, Some(presence_named(&"x".repeat(100))));
+    c.session.presence_changed(c.now, &repo).unwrap();
+    assert!(presence_sent(&c.sent()).is_empty());
+    let issue = c.session.poll_issue().unwrap();
+    assert!(issue.message.contains("presence not sent"), "{issue:?}");
+    assert_eq!(c.session.parked().count(), 0);
+}

@@ -7,6 +7,7 @@
 //! the critical fields' stored keys), `_authors` (actor hex -> the name of whoever writes as
 //! that actor), `_deleted` (absent, true or false) and the fields under their stored keys.
 
+pub mod editing;
 pub mod history;
 pub mod migrate;
 pub mod schema;
@@ -600,6 +601,64 @@ impl Writer<'_, '_> {
             });
         }
         self.tx.splice_text(&obj, pos, del as isize, text)?;
+        Ok(())
+    }
+
+    /// The text object of a text field, for marks and cursors.
+    fn text_field(&mut self, name: &str, what: &str) -> Result<(FieldRef, ObjId), EntityError> {
+        let f = self.resolve(name)?;
+        if f.strategy != Strategy::Text {
+            return Err(wrong_kind(&f, &format!("only text fields take {what}")));
+        }
+        let obj = self.container(&f, ObjType::Text)?;
+        Ok((f, obj))
+    }
+
+    fn check_span(
+        &self,
+        f: &FieldRef,
+        obj: &ObjId,
+        start: usize,
+        end: usize,
+    ) -> Result<(), EntityError> {
+        let len = self.tx.length(obj);
+        if start >= end || end > len {
+            return Err(EntityError::InvalidValue {
+                field: f.name.clone(),
+                reason: format!("span {start}..{end} is empty or outside the text (length {len})"),
+            });
+        }
+        Ok(())
+    }
+
+    /// Style characters `start..end` of a text field (see [`editing::Style`] for how each
+    /// style grows when text is typed at its edges).
+    pub fn mark(
+        &mut self,
+        name: &str,
+        start: usize,
+        end: usize,
+        style: &editing::Style,
+    ) -> Result<(), EntityError> {
+        let (f, obj) = self.text_field(name, "marks")?;
+        self.check_span(&f, &obj, start, end)?;
+        let mark = automerge::marks::Mark::new(style.name().to_string(), style.value(), start, end);
+        self.tx.mark(&obj, mark, style.expand())?;
+        Ok(())
+    }
+
+    /// Remove the mark called `mark` (`bold`, `link`, ...) from characters `start..end`.
+    pub fn unmark(
+        &mut self,
+        name: &str,
+        start: usize,
+        end: usize,
+        mark: &str,
+    ) -> Result<(), EntityError> {
+        let (f, obj) = self.text_field(name, "marks")?;
+        self.check_span(&f, &obj, start, end)?;
+        self.tx
+            .unmark(&obj, mark, start, end, editing::expand_of(mark))?;
         Ok(())
     }
 

@@ -574,6 +574,44 @@ impl RelayLog {
         Ok(out)
     }
 
+    /// Every change `doc`'s log ever held, in seq order: (seq, hash), compacted ones too
+    /// (from the hash index). For `tandem migrate-relay`.
+    pub fn log_hashes(&self, doc: &DocId) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        let mut out = Vec::new();
+        for (k, v) in self.backend.scan(&key(T_HASH, doc, &[]))? {
+            let hash: [u8; 32] = k
+                .get(17..)
+                .and_then(|h| h.try_into().ok())
+                .ok_or_else(|| StoreError::Corrupt("hash index key".into()))?;
+            let seq = be_u64(&v).ok_or_else(|| StoreError::Corrupt("hash index".into()))?;
+            out.push((seq, hash));
+        }
+        out.sort_unstable();
+        Ok(out)
+    }
+
+    /// The log entry with seq `seq`, if not compacted away.
+    pub fn log_entry(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        read_value(
+            &*self.backend,
+            &key(T_LOG, doc, &[&seq.to_be_bytes()]),
+            None,
+        )
+    }
+
+    /// The snapshot of a compacted document (`None` if never compacted).
+    pub fn snapshot_of(&self, doc: &DocId) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.record(doc)? {
+            Some(rec) if rec.compacted_upto > 0 => self.snapshot(doc, &rec).map(Some),
+            _ => Ok(None),
+        }
+    }
+
+    /// The last feed position handed out (positions are counted across namespaces).
+    pub fn feed_position(&self) -> u64 {
+        self.feed_pos.load(Ordering::SeqCst)
+    }
+
     /// Everything the relay holds of `doc`: its snapshot (if compacted) and the log after it,
     /// as one page.
     pub fn contents(&self, doc: &DocId) -> Result<Page, StoreError> {

@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use axum::body::Bytes;
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
@@ -23,13 +23,16 @@ use axum::extract::{RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
+use axum::serve::ListenerExt;
 use axum::Router;
 use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
+use super::amrepo::{AmConfig, AmRelay};
 use super::auth::{self, Secret};
 use super::log::RelayLog;
 use super::session::{Effect, Hub, RelaySession, SessionConfig};
+use super::storage::RelayStore;
 use crate::ids::DocId;
 use crate::transport::{codec, ClientMsg, Limits, RelayMsg};
 
@@ -61,6 +64,15 @@ pub struct RelayConfig {
     pub outgoing_queue: usize,
     /// Compact a log once this many changes sit after its snapshot.
     pub compact_after: u64,
+    /// Presence messages one connection may send per second; the excess is dropped.
+    pub presence_per_sec: u32,
+    /// Presence messages one connection may send at once before the rate applies.
+    pub presence_burst: u32,
+    /// Keep the log and feeds in this PostgreSQL database instead of `data`, so that several
+    /// relay nodes can share them (see docs/scaling.md).
+    pub postgres: Option<String>,
+    /// With `postgres`: the Redis that carries changes across nodes.
+    pub redis: Option<String>,
 }
 
 impl RelayConfig {
@@ -83,6 +95,10 @@ impl RelayConfig {
             feed_page: 1000,
             outgoing_queue: 1024,
             compact_after: 10_000,
+            presence_per_sec: 20,
+            presence_burst: 40,
+            postgres: None,
+            redis: None,
         }
     }
 }
@@ -97,6 +113,9 @@ struct NetStats {
     refused: AtomicU64,
     frames_in: AtomicU64,
     bytes_in: AtomicU64,
+    presence_frames: AtomicU64,
+    presence_dropped: AtomicU64,
+    presence_rate_limited: AtomicU64,
 }
 
 /// What the shell keeps per connection, in the hub.
@@ -108,19 +127,37 @@ struct Conn {
 
 struct Shared {
     cfg: RelayConfig,
-    log: Arc<RelayLog>,
+    log: Arc<dyn RelayStore>,
     conns: Mutex<Hub<Conn>>,
     permits: Arc<Semaphore>,
     stats: NetStats,
     shutdown: watch::Receiver<bool>,
+    /// The `/automerge` endpoint's documents and peers.
+    amrepo: Arc<AmRelay>,
+    /// Cross-node fan-out (PostgreSQL mode only).
+    bus: std::sync::OnceLock<super::bus::Bus>,
 }
 
 impl Shared {
+    fn am_cfg(cfg: &RelayConfig) -> AmConfig {
+        AmConfig {
+            max_frame_bytes: cfg.limits.max_frame_bytes as usize,
+            max_docs_per_connection: cfg.limits.max_docs_per_connection as usize,
+            handshake_timeout: cfg.handshake_timeout,
+            idle_timeout: cfg.idle_timeout,
+            outgoing_queue: cfg.outgoing_queue,
+            page_bytes: cfg.page_bytes.max(1 << 20),
+            ..AmConfig::default()
+        }
+    }
+
     fn session_cfg(&self) -> SessionConfig {
         SessionConfig {
             limits: self.cfg.limits.clone(),
             page_bytes: self.cfg.page_bytes,
             feed_page: self.cfg.feed_page,
+            presence_per_sec: self.cfg.presence_per_sec,
+            presence_burst: self.cfg.presence_burst,
         }
     }
 }
@@ -130,7 +167,9 @@ pub struct RelayHandle {
     /// The address it listens on (useful with port 0).
     pub addr: SocketAddr,
     /// The relay's storage, for tests and tools.
-    pub log: Arc<RelayLog>,
+    pub log: Arc<dyn RelayStore>,
+    /// With PostgreSQL and Redis: whether this node's Redis subscription is up.
+    pub bus_health: Option<watch::Receiver<bool>>,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -147,31 +186,70 @@ impl RelayHandle {
 pub async fn start(
     cfg: RelayConfig,
 ) -> Result<RelayHandle, Box<dyn std::error::Error + Send + Sync>> {
-    let mut log = match &cfg.data {
-        Some(path) => {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || RelayLog::open(p)).await??
-        }
-        None => RelayLog::in_memory(),
-    };
-    log.compact_after = cfg.compact_after;
-    let log = Arc::new(log);
+    let (log, pg) = open_storage(&cfg).await?;
     let listener = tokio::net::TcpListener::bind(cfg.listen).await?;
     let addr = listener.local_addr()?;
-    let (stop, shutdown) = watch::channel(false);
-    let shared = Arc::new(Shared {
-        permits: Arc::new(Semaphore::new(cfg.max_connections)),
-        cfg,
-        log: log.clone(),
-        conns: Mutex::new(Hub::default()),
-        stats: NetStats::default(),
-        shutdown: shutdown.clone(),
+    // Frames are small and written one by one (write buffer 0): without TCP_NODELAY, Nagle
+    // holds each one back until the peer's delayed ACK, tens of milliseconds per round trip.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "could not set TCP_NODELAY");
+        }
     });
+    let (stop, shutdown) = watch::channel(false);
+    let shared = Arc::new_cyclic(|weak: &std::sync::Weak<Shared>| {
+        let weak = weak.clone();
+        // Changes stored from automerge-repo peers go to tandem/1 connections like a push's,
+        // and to the other nodes when there are any.
+        let fanout = Box::new(move |ns: &str, doc: DocId, msg: RelayMsg| {
+            if let Some(shared) = weak.upgrade() {
+                if let Some(frame) = encode(&shared, &msg) {
+                    fan_out(&shared, ns, &doc, frame, 0);
+                }
+                if let Some(bus) = shared.bus.get() {
+                    bus.announce(ns, &doc, &msg);
+                }
+            }
+        });
+        Shared {
+            permits: Arc::new(Semaphore::new(cfg.max_connections)),
+            amrepo: Arc::new(AmRelay::new(log.clone(), Shared::am_cfg(&cfg), fanout)),
+            cfg,
+            log: log.clone(),
+            conns: Mutex::new(Hub::default()),
+            stats: NetStats::default(),
+            shutdown: shutdown.clone(),
+            bus: std::sync::OnceLock::new(),
+        }
+    });
+    if let Some(pg) = pg {
+        // Changes committed by other nodes go to this node's subscribers, like local ones.
+        let weak = Arc::downgrade(&shared);
+        let deliver: super::bus::Deliver =
+            Arc::new(move |ns: String, doc: DocId, msg: RelayMsg| {
+                if let Some(shared) = weak.upgrade() {
+                    if let Some(frame) = encode(&shared, &msg) {
+                        fan_out(&shared, &ns, &doc, frame, 0);
+                    }
+                    // automerge-repo peers of this node hold the document too.
+                    shared.amrepo.poke(&doc);
+                }
+            });
+        let bus =
+            super::bus::Bus::start(shared.cfg.redis.clone(), pg, deliver, shutdown.clone()).await;
+        let _ = shared.bus.set(bus);
+    }
+    let bus_health = shared
+        .bus
+        .get()
+        .filter(|_| shared.cfg.redis.is_some())
+        .map(|b| b.health());
     if matches!(shared.cfg.auth, Auth::InsecureNoAuth) {
         tracing::warn!("INSECURE: --insecure-no-auth is on: anyone who can reach {addr} may read and write every namespace");
     }
     let app = Router::new()
         .route("/v1", get(upgrade))
+        .route("/automerge", get(upgrade_automerge))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(shared.clone());
@@ -195,9 +273,42 @@ pub async fn start(
     Ok(RelayHandle {
         addr,
         log,
+        bus_health,
         stop,
         task,
     })
+}
+
+/// The backend `cfg` names: PostgreSQL, a sled folder, or memory.
+type Storage = (Arc<dyn RelayStore>, Option<Arc<super::postgres::PgLog>>);
+
+async fn open_storage(
+    cfg: &RelayConfig,
+) -> Result<Storage, Box<dyn std::error::Error + Send + Sync>> {
+    let compact_after = cfg.compact_after;
+    if let Some(url) = cfg.postgres.clone() {
+        let log = tokio::task::spawn_blocking(move || {
+            super::postgres::PgLog::connect(&url).map(|mut l| {
+                l.compact_after = compact_after;
+                l
+            })
+        })
+        .await??;
+        if let Some(redis) = &cfg.redis {
+            log.set_cache(redis);
+        }
+        let log = Arc::new(log);
+        return Ok((log.clone(), Some(log)));
+    }
+    let mut log = match &cfg.data {
+        Some(path) => {
+            let p = path.clone();
+            tokio::task::spawn_blocking(move || RelayLog::open(p)).await??
+        }
+        None => RelayLog::in_memory(),
+    };
+    log.compact_after = compact_after;
+    Ok((Arc::new(log), None))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -237,6 +348,62 @@ async fn upgrade(
                 .connections_total
                 .fetch_add(1, Ordering::Relaxed);
             connection(socket, shared.clone(), authorization, query).await;
+            shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        })
+}
+
+/// `/automerge`: automerge-repo's WebSocket protocol (see `amrepo`). Browsers cannot set
+/// headers on a WebSocket, so the token comes as `?token=`; `?namespace=` picks the namespace
+/// of documents this peer creates (default: the token's first writable one, or `default`).
+async fn upgrade_automerge(
+    ws: WebSocketUpgrade,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    State(shared): State<Arc<Shared>>,
+) -> axum::response::Response {
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay at its connection limit\n",
+        )
+            .into_response();
+    };
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let auth = match &shared.cfg.auth {
+        Auth::InsecureNoAuth => Ok(None),
+        Auth::Jwt(secret) => auth::authenticate(
+            secret,
+            authorization.as_deref(),
+            query.as_deref(),
+            SystemTime::now(),
+        )
+        .map(Some),
+    };
+    let namespace = query.as_deref().and_then(|q| {
+        q.split('&')
+            .filter_map(|p| p.split_once('='))
+            .find(|(k, v)| *k == "namespace" && !v.is_empty())
+            .map(|(_, v)| v.to_string())
+    });
+    let max = shared.cfg.limits.max_frame_bytes as usize;
+    ws.read_buffer_size(4096)
+        .write_buffer_size(0)
+        .max_write_buffer_size(max + (64 << 10))
+        .max_message_size(max)
+        .max_frame_size(max)
+        .on_upgrade(move |socket| async move {
+            shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+            shared
+                .stats
+                .connections_total
+                .fetch_add(1, Ordering::Relaxed);
+            let am = shared.amrepo.clone();
+            super::amrepo::serve(am, socket, auth, namespace, shared.shutdown.clone()).await;
             shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
             drop(permit);
         })
@@ -337,6 +504,7 @@ async fn connection(
         shared: shared.clone(),
         dispatch,
         session: Some(session),
+        presence_rate_limited: 0,
     };
     let mut ok = conn.step(|s, log| s.greet(log)).await;
     let mut shutdown = shared.shutdown.clone();
@@ -348,7 +516,7 @@ async fn connection(
                     Ok(Some(Ok(Message::Binary(b)))) => {
                         shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
                         shared.stats.bytes_in.fetch_add(b.len() as u64, Ordering::Relaxed);
-                        ok = conn.step(move |s, log| s.handle_frame(log, &b)).await;
+                        ok = conn.step(move |s, log| s.handle_frame(log, Instant::now(), &b)).await;
                     }
                     Ok(Some(Ok(Message::Text(_)))) => {
                         ok = conn.step(|s, _| s.handle_text_frame()).await;
@@ -365,6 +533,9 @@ async fn connection(
             _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => ok = false,
         }
     }
+    // The others present in this connection's documents hear that it left.
+    let gone = lock(&shared.conns).leave_presence(id);
+    deliver_presence(&shared, gone);
     lock(&shared.conns).leave(id);
     // Accepted pushes still get their acks (and their fan-out) once durable.
     drop(conn);
@@ -382,6 +553,8 @@ struct Connection {
     dispatch: mpsc::Sender<Vec<Effect>>,
     /// Moved onto the blocking pool for each step and back; `None` only if a step panicked.
     session: Option<RelaySession>,
+    /// The session's count of rate-limited presence updates, as last added to the metrics.
+    presence_rate_limited: u64,
 }
 
 /// What carries out a connection's effects: its id in the hub and its outgoing queue.
@@ -396,19 +569,27 @@ impl Connection {
     /// out its effects. `false` ends the connection.
     async fn step(
         &mut self,
-        f: impl FnOnce(&mut RelaySession, &RelayLog) -> Vec<Effect> + Send + 'static,
+        f: impl FnOnce(&mut RelaySession, &dyn RelayStore) -> Vec<Effect> + Send + 'static,
     ) -> bool {
         let Some(mut session) = self.session.take() else {
             return false;
         };
         let log = self.shared.log.clone();
         let done = tokio::task::spawn_blocking(move || {
-            let effects = f(&mut session, &log);
+            let effects = f(&mut session, &*log);
             (session, effects)
         })
         .await;
         match done {
             Ok((session, effects)) => {
+                let limited = session.presence_dropped();
+                if limited > self.presence_rate_limited {
+                    self.shared
+                        .stats
+                        .presence_rate_limited
+                        .fetch_add(limited - self.presence_rate_limited, Ordering::Relaxed);
+                    self.presence_rate_limited = limited;
+                }
                 self.session = Some(session);
                 // Waits while the dispatcher is this many batches behind: backpressure.
                 self.dispatch.send(effects).await.is_ok()
@@ -446,8 +627,12 @@ impl Outbound {
                     changes,
                 } => {
                     if let Some(frame) = encode(&self.shared, &changes) {
-                        self.fan_out(&namespace, &doc, frame);
+                        fan_out(&self.shared, &namespace, &doc, frame, self.id);
                     }
+                    if let Some(bus) = self.shared.bus.get() {
+                        bus.announce(&namespace, &doc, &changes);
+                    }
+                    self.shared.amrepo.poke(&doc);
                 }
                 Effect::Compact(doc) => {
                     let log = self.shared.log.clone();
@@ -470,35 +655,80 @@ impl Outbound {
                         }
                     }
                 }
+                Effect::Presence {
+                    namespace,
+                    doc,
+                    state,
+                } => {
+                    let out = lock(&self.shared.conns).set_presence(self.id, namespace, doc, state);
+                    deliver_presence(&self.shared, out);
+                }
                 Effect::Close => return false,
             }
         }
         alive
     }
+}
 
-    fn fan_out(&self, ns: &str, doc: &DocId, frame: Bytes) {
-        let conns = lock(&self.shared.conns);
-        for (_, c) in conns.recipients(ns, doc, self.id) {
-            match c.tx.try_send(frame.clone()) {
-                Ok(()) => {
-                    self.shared
-                        .stats
-                        .fanout_frames
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                Err(mpsc::error::TrySendError::Full(_)) => c.close.notify_one(),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
+/// Send `frame` to every connection subscribed to `doc` in `ns` but `except` (0: none).
+fn fan_out(shared: &Shared, ns: &str, doc: &DocId, frame: Bytes, except: u64) {
+    let conns = lock(&shared.conns);
+    for (_, c) in conns.recipients(ns, doc, except) {
+        match c.tx.try_send(frame.clone()) {
+            Ok(()) => {
+                shared.stats.fanout_frames.fetch_add(1, Ordering::Relaxed);
             }
+            Err(mpsc::error::TrySendError::Full(_)) => c.close.notify_one(),
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 }
 
+/// Send presence messages to their recipients without ever waiting: presence is ephemeral,
+/// so a recipient whose queue is full misses this one (the next update replaces it) rather
+/// than being closed or slowing anyone's document sync.
+fn deliver_presence(shared: &Shared, out: Vec<(u64, RelayMsg)>) {
+    if out.is_empty() {
+        return;
+    }
+    let conns = lock(&shared.conns);
+    for (to, msg) in out {
+        let Some(c) = conns.get(to) else { continue };
+        let Some(frame) = encode(shared, &msg) else {
+            continue;
+        };
+        match c.tx.try_send(frame) {
+            Ok(()) => shared.stats.presence_frames.fetch_add(1, Ordering::Relaxed),
+            Err(_) => shared
+                .stats
+                .presence_dropped
+                .fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
 async fn metrics(State(shared): State<Arc<Shared>>) -> String {
-    let s = &shared.log.stats;
+    let s = shared.log.stats();
     let n = &shared.stats;
     let (requests, flushes) = shared.log.flush_counts();
     let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
-    let rows: [(&str, &str, u64); 19] = [
+    let am = &shared.amrepo.stats;
+    let rows: [(&str, &str, u64); 28] = [
+        (
+            "tandem_relay_presence_rate_limited_total",
+            "counter",
+            g(&n.presence_rate_limited),
+        ),
+        (
+            "tandem_relay_presence_frames_total",
+            "counter",
+            g(&n.presence_frames),
+        ),
+        (
+            "tandem_relay_presence_dropped_total",
+            "counter",
+            g(&n.presence_dropped),
+        ),
         ("tandem_relay_connections", "gauge", g(&n.connections)),
         (
             "tandem_relay_connections_total",
@@ -557,6 +787,36 @@ async fn metrics(State(shared): State<Arc<Shared>>) -> String {
         ),
         ("tandem_relay_flush_requests_total", "counter", requests),
         ("tandem_relay_flushes_total", "counter", flushes),
+        (
+            "tandem_relay_automerge_connections",
+            "gauge",
+            g(&am.connections),
+        ),
+        (
+            "tandem_relay_automerge_docs_in_memory",
+            "gauge",
+            g(&am.docs_loaded),
+        ),
+        (
+            "tandem_relay_automerge_doc_actors",
+            "gauge",
+            shared.amrepo.actors() as u64,
+        ),
+        (
+            "tandem_relay_automerge_frames_in_total",
+            "counter",
+            g(&am.sync_in),
+        ),
+        (
+            "tandem_relay_automerge_changes_stored_total",
+            "counter",
+            g(&am.changes_stored),
+        ),
+        (
+            "tandem_relay_automerge_refused_total",
+            "counter",
+            g(&am.refused),
+        ),
         ("tandem_relay_up", "gauge", 1),
     ];
     let mut out = String::new();

@@ -5,21 +5,24 @@
 //! the session the connection's frames; the session answers with [`Effect`]s, plain values the
 //! shell carries out in order: messages to send on this connection, a new subscription, a
 //! fan-out of freshly stored changes to the other connections, a compaction to run, a close.
-//! It calls the blocking [`RelayLog`] directly (so the shell runs it on the blocking pool) and
+//! It calls the blocking [`RelayStore`] directly (so the shell runs it on the blocking pool) and
 //! owns no socket, no task and no clock: idle and handshake timeouts, connection limits and
 //! the outgoing queues stay in the shell. That is what lets the seeded simulation
 //! (`tests/it/sim.rs`) run the real relay logic with many connections on one thread.
 //!
 //! Invariant 1 (persist, then announce) lives here: a push's `Ack` and its `FanOut` come only
-//! after [`RelayLog::push`] returned, which is after the flush.
+//! after [`RelayStore::append`] and [`RelayStore::durable`] returned.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::time::Instant;
 
 use super::auth::{AuthError, Claims};
-use super::log::{valid_namespace, PushError, RelayLog};
+use super::log::{valid_namespace, PushError};
+use super::storage::RelayStore;
 use crate::ids::DocId;
 use crate::transport::{
-    codec, ClientMsg, ErrorCode, FeedCursor, Limits, RelayMsg, ALL_NAMESPACES, PROTOCOL_VERSION,
+    codec, ClientMsg, ErrorCode, FeedCursor, Limits, Presence, RelayMsg, ALL_NAMESPACES,
+    PROTOCOL_VERSION,
 };
 
 /// What a session needs of the relay's configuration.
@@ -31,6 +34,11 @@ pub struct SessionConfig {
     pub page_bytes: u64,
     /// Feed entries per page.
     pub feed_page: usize,
+    /// Presence messages one connection may send per second, on average; the excess is
+    /// dropped (presence is ephemeral: the next update replaces what was lost).
+    pub presence_per_sec: u32,
+    /// How many presence messages may come at once before the rate applies.
+    pub presence_burst: u32,
 }
 
 /// Something the shell does for a session, in the order the session gave.
@@ -52,13 +60,22 @@ pub enum Effect {
         doc: DocId,
         changes: RelayMsg,
     },
-    /// `doc`'s log is long enough to fold into a snapshot: run [`RelayLog::compact`] off this
+    /// `doc`'s log is long enough to fold into a snapshot: run [`RelayStore::compact`] off this
     /// connection's path (it loads the document, which is slow).
     Compact(DocId),
-    /// Everything after this waits until the relay log is durable ([`RelayLog::durable`]);
+    /// Everything after this waits until the relay log is durable ([`RelayStore::durable`]);
     /// if that fails, the rest is dropped and the connection closed (nothing may be
     /// acknowledged or fanned out that a crash could take back).
     AwaitDurable,
+    /// This connection's presence in `doc` of `namespace` is now `state` (`None`: it left):
+    /// record it in the [`Hub`] ([`Hub::set_presence`]) and deliver what that returns. Presence
+    /// is never stored, and delivering it never waits: a recipient whose queue is full misses
+    /// it.
+    Presence {
+        namespace: String,
+        doc: DocId,
+        state: Option<Presence>,
+    },
     /// End the connection once the messages before this one are sent.
     Close,
 }
@@ -103,6 +120,7 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Vec<Effect> {
 /// The relay's side of one connection, from the client's hello on. See the module docs.
 ///
 /// ```
+/// use std::time::Instant;
 /// use tandem::relay::log::RelayLog;
 /// use tandem::relay::session::{Effect, RelaySession, SessionConfig};
 /// use tandem::transport::{ClientMsg, Limits, RelayMsg, PROTOCOL_VERSION};
@@ -117,13 +135,15 @@ fn refuse(code: ErrorCode, message: impl Into<String>) -> Vec<Effect> {
 ///     },
 ///     page_bytes: 1 << 16,
 ///     feed_page: 100,
+///     presence_per_sec: 20,
+///     presence_burst: 40,
 /// };
 /// let hello = ClientMsg::Hello { version: PROTOCOL_VERSION, device: [7; 16], feeds: vec![] };
 /// // No token check here: `None` claims means "anyone may read and write everything".
 /// let mut session = RelaySession::accept(cfg, Some(hello), || Ok(None)).unwrap();
 /// let effects = session.greet(&log);
 /// assert!(matches!(effects[0], Effect::Send(RelayMsg::Hello { .. })));
-/// let effects = session.handle_message(&log, ClientMsg::Ping { nonce: 3 });
+/// let effects = session.handle_message(&log, Instant::now(), ClientMsg::Ping { nonce: 3 });
 /// assert_eq!(effects, vec![Effect::Send(RelayMsg::Pong { nonce: 3 })]);
 /// ```
 pub struct RelaySession {
@@ -133,6 +153,12 @@ pub struct RelaySession {
     device: [u8; 16],
     /// The hello's feed cursors, answered by [`greet`](Self::greet).
     hello_feeds: Vec<FeedCursor>,
+    /// Presence rate limit: a token bucket, filled at `presence_per_sec` up to
+    /// `presence_burst`, as of `presence_at`.
+    presence_tokens: f64,
+    presence_at: Option<Instant>,
+    /// Presence messages dropped by the rate limit.
+    presence_dropped: u64,
 }
 
 impl RelaySession {
@@ -162,6 +188,9 @@ impl RelaySession {
         }
         let claims = authenticate().map_err(|e| refuse(e.code(), e.to_string()))?;
         Ok(RelaySession {
+            presence_tokens: f64::from(cfg.presence_burst),
+            presence_at: None,
+            presence_dropped: 0,
             cfg,
             claims,
             device,
@@ -182,7 +211,7 @@ impl RelaySession {
     /// The relay's hello, then one feed page per cursor of the client's hello, in that order.
     /// Call it once, after registering the connection in the [`Hub`]: a change landing during
     /// catch-up is then in a page, delivered live, or both; never neither.
-    pub fn greet(&mut self, log: &RelayLog) -> Vec<Effect> {
+    pub fn greet(&mut self, log: &dyn RelayStore) -> Vec<Effect> {
         let (read, write) = match &self.claims {
             Some(c) => (c.readable(), c.write.clone()),
             None => {
@@ -217,11 +246,22 @@ impl RelaySession {
         out
     }
 
-    /// One binary frame from the client (after the hello). An undecodable frame is fatal.
-    pub fn handle_frame(&mut self, log: &RelayLog, frame: &[u8]) -> Vec<Effect> {
+    /// Presence messages dropped by the rate limit so far.
+    pub fn presence_dropped(&self) -> u64 {
+        self.presence_dropped
+    }
+
+    /// One binary frame from the client (after the hello), arrived at `now`. An undecodable
+    /// frame is fatal.
+    pub fn handle_frame(
+        &mut self,
+        log: &dyn RelayStore,
+        now: Instant,
+        frame: &[u8],
+    ) -> Vec<Effect> {
         let limit = usize::try_from(self.cfg.limits.max_frame_bytes).unwrap_or(usize::MAX);
         match codec::decode::<ClientMsg>(frame, limit) {
-            Ok(msg) => self.handle_message(log, msg),
+            Ok(msg) => self.handle_message(log, now, msg),
             Err(e) => refuse(ErrorCode::BadFrame, e.to_string()),
         }
     }
@@ -231,8 +271,14 @@ impl RelaySession {
         refuse(ErrorCode::BadFrame, "text frames are not part of tandem/1")
     }
 
-    /// One decoded message from the client (after the hello).
-    pub fn handle_message(&mut self, log: &RelayLog, msg: ClientMsg) -> Vec<Effect> {
+    /// One decoded message from the client (after the hello), arrived at `now` (only the
+    /// presence rate limit looks at the time).
+    pub fn handle_message(
+        &mut self,
+        log: &dyn RelayStore,
+        now: Instant,
+        msg: ClientMsg,
+    ) -> Vec<Effect> {
         let mut out = Vec::new();
         match msg {
             ClientMsg::Hello { .. } => return refuse(ErrorCode::BadFrame, "a second hello"),
@@ -251,8 +297,66 @@ impl RelaySession {
                 batch,
                 changes,
             } => self.push(log, namespace, doc, batch, changes, &mut out),
+            ClientMsg::Presence {
+                namespace,
+                doc,
+                state,
+            } => self.presence(now, namespace, doc, state, &mut out),
         }
         out
+    }
+
+    /// Take one token from the presence bucket, if there is one.
+    fn presence_allowed(&mut self, now: Instant) -> bool {
+        let burst = f64::from(self.cfg.presence_burst);
+        if let Some(at) = self.presence_at {
+            let refill = now.saturating_duration_since(at).as_secs_f64()
+                * f64::from(self.cfg.presence_per_sec);
+            self.presence_tokens = (self.presence_tokens + refill).min(burst);
+        }
+        self.presence_at = Some(now);
+        if self.presence_tokens >= 1.0 {
+            self.presence_tokens -= 1.0;
+            true
+        } else {
+            self.presence_dropped += 1;
+            false
+        }
+    }
+
+    fn presence(
+        &mut self,
+        now: Instant,
+        namespace: String,
+        doc: DocId,
+        state: Option<Presence>,
+        out: &mut Vec<Effect>,
+    ) {
+        // Leaving is always let through: it frees state and is at most one per document.
+        if state.is_some() && !self.presence_allowed(now) {
+            return;
+        }
+        // Errors about presence name no document: a client takes an error with a document and
+        // no batch for a refused pull, and must not stop syncing a document over its presence.
+        if !self.can_read(&namespace) || !valid_namespace(&namespace) {
+            let m = format!("presence: this token cannot read namespace '{namespace}'");
+            out.push(error(ErrorCode::Forbidden, m, None, None));
+            return;
+        }
+        if let Some(Err(m)) = state.as_ref().map(Presence::check) {
+            out.push(error(
+                ErrorCode::TooLarge,
+                format!("presence: {m}"),
+                None,
+                None,
+            ));
+            return;
+        }
+        out.push(Effect::Presence {
+            namespace,
+            doc,
+            state,
+        });
     }
 
     fn can_read(&self, ns: &str) -> bool {
@@ -263,7 +367,7 @@ impl RelaySession {
         self.claims.as_ref().is_none_or(|c| c.can_write(ns))
     }
 
-    fn feed(&self, log: &RelayLog, namespace: String, after: u64, out: &mut Vec<Effect>) {
+    fn feed(&self, log: &dyn RelayStore, namespace: String, after: u64, out: &mut Vec<Effect>) {
         if !self.can_read(&namespace) {
             let m = format!("this token cannot read namespace '{namespace}'");
             out.push(error(ErrorCode::Forbidden, m, None, None));
@@ -310,7 +414,14 @@ impl RelaySession {
         }
     }
 
-    fn pull(&self, log: &RelayLog, doc: DocId, after: u64, max_bytes: u64, out: &mut Vec<Effect>) {
+    fn pull(
+        &self,
+        log: &dyn RelayStore,
+        doc: DocId,
+        after: u64,
+        max_bytes: u64,
+        out: &mut Vec<Effect>,
+    ) {
         let page_bytes = match max_bytes {
             0 => self.cfg.page_bytes,
             n => n.min(self.cfg.page_bytes),
@@ -407,7 +518,7 @@ impl RelaySession {
 
     fn push(
         &self,
-        log: &RelayLog,
+        log: &dyn RelayStore,
         namespace: String,
         doc: DocId,
         batch: u64,
@@ -500,10 +611,18 @@ impl RelaySession {
 pub struct Hub<T> {
     conns: BTreeMap<u64, Member<T>>,
     next: u64,
+    /// Who is present in each document, and as what: in memory only, gone with the
+    /// connection.
+    rooms: BTreeMap<(String, DocId), BTreeMap<u64, Presence>>,
 }
+
+/// Documents one connection may be present in at once; presence in more is dropped.
+pub const MAX_PRESENCE_ROOMS: usize = 256;
 
 struct Member<T> {
     claims: Option<Claims>,
+    /// The documents this connection is present in.
+    rooms: BTreeSet<(String, DocId)>,
     /// `None`: every namespace the token can read (the default until `Subscribe`).
     namespaces: Option<BTreeSet<String>>,
     docs: BTreeSet<DocId>,
@@ -522,6 +641,7 @@ impl<T> Default for Hub<T> {
         Hub {
             conns: BTreeMap::new(),
             next: 1,
+            rooms: BTreeMap::new(),
         }
     }
 }
@@ -536,6 +656,7 @@ impl<T> Hub<T> {
             id,
             Member {
                 claims,
+                rooms: BTreeSet::new(),
                 namespaces: None,
                 docs: BTreeSet::new(),
                 conn,
@@ -544,9 +665,103 @@ impl<T> Hub<T> {
         id
     }
 
-    /// Forget a connection; returns what the shell kept for it.
+    /// Forget a connection; returns what the shell kept for it. Call
+    /// [`leave_presence`](Self::leave_presence) first to tell the others it is gone.
     pub fn leave(&mut self, id: u64) -> Option<T> {
+        let _ = self.leave_presence(id);
         self.conns.remove(&id).map(|m| m.conn)
+    }
+
+    /// Carry out [`Effect::Presence`] for connection `id`: the messages to deliver, by
+    /// recipient. The others present in the document hear of the change; a connection that
+    /// just arrived in the document hears who is already there.
+    pub fn set_presence(
+        &mut self,
+        id: u64,
+        namespace: String,
+        doc: DocId,
+        state: Option<Presence>,
+    ) -> Vec<(u64, RelayMsg)> {
+        let Some(member) = self.conns.get_mut(&id) else {
+            return Vec::new();
+        };
+        let room = (namespace, doc);
+        let arrived = !member.rooms.contains(&room);
+        let mut out = Vec::new();
+        match state {
+            Some(state) => {
+                if arrived && member.rooms.len() >= MAX_PRESENCE_ROOMS {
+                    return out;
+                }
+                member.rooms.insert(room.clone());
+                let present = self.rooms.entry(room).or_default();
+                for (&peer, other) in present.iter() {
+                    if peer == id {
+                        continue;
+                    }
+                    out.push((
+                        peer,
+                        RelayMsg::Presence {
+                            doc,
+                            peer: id,
+                            state: Some(state.clone()),
+                        },
+                    ));
+                    if arrived {
+                        out.push((
+                            id,
+                            RelayMsg::Presence {
+                                doc,
+                                peer,
+                                state: Some(other.clone()),
+                            },
+                        ));
+                    }
+                }
+                present.insert(id, state);
+            }
+            None => {
+                if !member.rooms.remove(&room) {
+                    return out;
+                }
+                self.left(id, room, &mut out);
+            }
+        }
+        out
+    }
+
+    fn left(&mut self, id: u64, room: (String, DocId), out: &mut Vec<(u64, RelayMsg)>) {
+        let doc = room.1;
+        if let Some(present) = self.rooms.get_mut(&room) {
+            present.remove(&id);
+            for &peer in present.keys() {
+                out.push((
+                    peer,
+                    RelayMsg::Presence {
+                        doc,
+                        peer: id,
+                        state: None,
+                    },
+                ));
+            }
+            if present.is_empty() {
+                self.rooms.remove(&room);
+            }
+        }
+    }
+
+    /// Connection `id` is going away: it leaves every document it was present in; returns
+    /// the messages telling the others, by recipient.
+    pub fn leave_presence(&mut self, id: u64) -> Vec<(u64, RelayMsg)> {
+        let mut out = Vec::new();
+        let rooms = match self.conns.get_mut(&id) {
+            Some(m) => std::mem::take(&mut m.rooms),
+            None => return out,
+        };
+        for room in rooms {
+            self.left(id, room, &mut out);
+        }
+        out
     }
 
     /// Carry out [`Effect::Subscribe`] for connection `id`.
@@ -590,6 +805,7 @@ impl<T> Hub<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::relay::log::RelayLog;
 
     fn cfg() -> SessionConfig {
         SessionConfig {
@@ -601,6 +817,8 @@ mod tests {
             },
             page_bytes: 1 << 16,
             feed_page: 100,
+            presence_per_sec: 10,
+            presence_burst: 5,
         }
     }
 
@@ -724,7 +942,7 @@ mod tests {
             batch,
             changes: cs.clone(),
         };
-        let e = s.handle_message(&log, push(1));
+        let e = s.handle_message(&log, Instant::now(), push(1));
         // Nothing is acknowledged or fanned out before the log is durable.
         assert_eq!(e[0], Effect::AwaitDurable);
         assert_eq!(
@@ -742,7 +960,7 @@ mod tests {
         ));
         assert_eq!(e.len(), 3);
         // Replaying is harmless: same seqs, nothing new to fan out.
-        let e = s.handle_message(&log, push(2));
+        let e = s.handle_message(&log, Instant::now(), push(2));
         assert_eq!(
             e,
             vec![
@@ -763,6 +981,7 @@ mod tests {
         let doc = DocId([6; 16]);
         let e = s.handle_message(
             &log,
+            Instant::now(),
             ClientMsg::Push {
                 namespace: "notes".into(),
                 doc,
@@ -774,6 +993,7 @@ mod tests {
         assert_eq!(code(&e[0]), Some(ErrorCode::Forbidden));
         let e = s.handle_message(
             &log,
+            Instant::now(),
             ClientMsg::Subscribe {
                 namespaces: vec!["notes".into(), "secret".into()],
                 docs: vec![doc],
@@ -789,6 +1009,7 @@ mod tests {
         assert_eq!(code(&e[1]), Some(ErrorCode::Forbidden));
         let e = s.handle_message(
             &log,
+            Instant::now(),
             ClientMsg::Subscribe {
                 namespaces: Vec::new(),
                 docs: vec![DocId([1; 16]), DocId([2; 16]), DocId([3; 16])],
@@ -796,7 +1017,7 @@ mod tests {
         );
         assert_eq!(e.len(), 1);
         assert_eq!(code(&e[0]), Some(ErrorCode::TooLarge));
-        let e = s.handle_message(&log, hello(Vec::new()).unwrap());
+        let e = s.handle_message(&log, Instant::now(), hello(Vec::new()).unwrap());
         assert_eq!(
             (code(&e[0]), &e[1]),
             (Some(ErrorCode::BadFrame), &Effect::Close)
@@ -816,6 +1037,7 @@ mod tests {
         let cs = noisy_changes(40);
         let e = s.handle_message(
             &log,
+            Instant::now(),
             ClientMsg::Push {
                 namespace: "notes".into(),
                 doc,
@@ -842,7 +1064,7 @@ mod tests {
                 max_bytes: 0,
             };
             let [(len, RelayMsg::Changes { to, more, .. })] =
-                &frames(s.handle_message(&log, pull))[..]
+                &frames(s.handle_message(&log, Instant::now(), pull))[..]
             else {
                 panic!("expected one page");
             };
@@ -860,7 +1082,7 @@ mod tests {
             after: 0,
             max_bytes: 0,
         };
-        let sent = frames(s.handle_message(&log, pull));
+        let sent = frames(s.handle_message(&log, Instant::now(), pull));
         assert!(sent.len() > 2, "a snapshot in several chunks, then a page");
         assert!(sent.iter().all(|(len, _)| *len <= 1024));
     }
@@ -877,6 +1099,7 @@ mod tests {
         // ... and `*` itself is never a namespace.
         let e = s.handle_message(
             &log,
+            Instant::now(),
             ClientMsg::Push {
                 namespace: ALL_NAMESPACES.into(),
                 doc: DocId([8; 16]),
@@ -885,6 +1108,108 @@ mod tests {
             },
         );
         assert_eq!(code(&e[0]), Some(ErrorCode::BadFrame));
+    }
+
+    fn here(name: &str) -> Option<Presence> {
+        Some(Presence {
+            name: name.into(),
+            color: 0xff0000,
+            selection: None,
+        })
+    }
+
+    #[test]
+    fn presence_is_rate_limited_and_checked() {
+        let log = RelayLog::in_memory();
+        let mut s = open(&log, Some(claims(&["notes"], &[])));
+        let doc = DocId([3; 16]);
+        let t0 = Instant::now();
+        let msg = |ns: &str, state| ClientMsg::Presence {
+            namespace: ns.into(),
+            doc,
+            state,
+        };
+        // A burst of 5, then 10 per second.
+        let passed = (0..50)
+            .filter(|_| {
+                !s.handle_message(&log, t0, msg("notes", here("ada")))
+                    .is_empty()
+            })
+            .count();
+        assert_eq!(passed, 5);
+        assert_eq!(s.presence_dropped(), 45);
+        let later = t0 + std::time::Duration::from_millis(300);
+        let passed = (0..50)
+            .filter(|_| {
+                !s.handle_message(&log, later, msg("notes", here("ada")))
+                    .is_empty()
+            })
+            .count();
+        assert_eq!(passed, 3, "300 ms at 10/s");
+        // Leaving always passes; a namespace the token cannot read and an oversized name do not.
+        assert!(matches!(
+            &s.handle_message(&log, later, msg("notes", None))[..],
+            [Effect::Presence { state: None, .. }]
+        ));
+        let much_later = t0 + std::time::Duration::from_secs(10);
+        let e = s.handle_message(&log, much_later, msg("secret", here("ada")));
+        assert_eq!(code(&e[0]), Some(ErrorCode::Forbidden));
+        let e = s.handle_message(&log, much_later, msg("notes", here(&"x".repeat(65))));
+        assert_eq!(code(&e[0]), Some(ErrorCode::TooLarge));
+    }
+
+    #[test]
+    fn the_hub_tells_who_is_present_and_who_left() {
+        let mut hub: Hub<()> = Hub::default();
+        let (a, b, c) = (hub.join(None, ()), hub.join(None, ()), hub.join(None, ()));
+        let doc = DocId([4; 16]);
+        let ns = || "notes".to_string();
+        assert!(hub.set_presence(a, ns(), doc, here("ada")).is_empty());
+        // Bob arrives: Ada hears of him, he hears of Ada.
+        let out = hub.set_presence(b, ns(), doc, here("bob"));
+        assert_eq!(
+            out,
+            vec![
+                (
+                    a,
+                    RelayMsg::Presence {
+                        doc,
+                        peer: b,
+                        state: here("bob")
+                    }
+                ),
+                (
+                    b,
+                    RelayMsg::Presence {
+                        doc,
+                        peer: a,
+                        state: here("ada")
+                    }
+                ),
+            ]
+        );
+        // Someone in another document hears nothing.
+        assert!(hub
+            .set_presence(c, ns(), DocId([5; 16]), here("cy"))
+            .is_empty());
+        // Bob's connection ends: Ada hears that he left.
+        assert_eq!(
+            hub.leave_presence(b),
+            vec![(
+                a,
+                RelayMsg::Presence {
+                    doc,
+                    peer: b,
+                    state: None
+                }
+            )]
+        );
+        hub.leave(b);
+        assert!(hub.set_presence(a, ns(), doc, None).is_empty());
+        assert!(
+            hub.rooms.keys().all(|(_, d)| *d != doc),
+            "an empty room is forgotten"
+        );
     }
 
     #[test]

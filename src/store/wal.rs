@@ -35,6 +35,9 @@ pub(crate) const LSN_KEY: &[u8] = b"\x00wal-lsn";
 /// A log file is closed and checkpointed once it holds this much.
 pub(crate) const ROTATE_BYTES: u64 = 16 << 20;
 
+/// How long a failed checkpoint waits before it tries again.
+const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A log file grows by this much of zeros at a time (see `State::allocated`).
 const PREALLOCATE: u64 = 1 << 20;
 
@@ -296,9 +299,12 @@ impl Wal {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("write-ahead log: checkpoint failed, will retry: {e}");
-                    lock(&self.state).closed.extend(closed);
-                    return;
+                    tracing::warn!("write-ahead log: checkpoint failed, retrying in a second: {e}");
+                    let mut st = lock(&self.state);
+                    st.closed.extend(closed);
+                    if !st.stop {
+                        drop(self.wake.wait_timeout(st, CHECKPOINT_RETRY));
+                    }
                 }
             }
         }
@@ -519,7 +525,9 @@ mod tests {
         rotate_now(&wal);
         wal.append(ops(4), |_, _| Ok(())).unwrap();
         wal.sync().unwrap();
-        let len = std::fs::metadata(dir.path().join(file_name(0))).unwrap().len();
+        let len = std::fs::metadata(dir.path().join(file_name(0)))
+            .unwrap()
+            .len();
         assert_eq!(len, PREALLOCATE, "written ahead, zeros after the records");
         drop(wal);
         let mut replayed = Vec::new();

@@ -168,7 +168,31 @@ mod tests {
             },
             ClientMsg::Ping { nonce: 1 },
             ClientMsg::Pong { nonce: u64::MAX },
+            ClientMsg::Presence {
+                namespace: "notes".into(),
+                doc: doc(5),
+                state: Some(sample_presence()),
+            },
+            ClientMsg::Presence {
+                namespace: "notes".into(),
+                doc: doc(5),
+                state: None,
+            },
         ]
+    }
+
+    fn sample_presence() -> Presence {
+        let cursor: crate::crdt::editing::TextCursor =
+            serde_json::from_value(serde_json::json!("7@a1b2c3")).unwrap();
+        Presence {
+            name: "Ada".into(),
+            color: 0xff5555,
+            selection: Some(Selection {
+                field: "body".into(),
+                anchor: cursor.clone(),
+                head: cursor,
+            }),
+        }
     }
 
     fn every_relay_msg() -> Vec<RelayMsg> {
@@ -230,6 +254,11 @@ mod tests {
             },
             RelayMsg::Ping { nonce: 2 },
             RelayMsg::Pong { nonce: 3 },
+            RelayMsg::Presence {
+                doc: doc(5),
+                peer: u64::MAX,
+                state: Some(sample_presence()),
+            },
         ];
         for code in ALL_CODES {
             msgs.push(RelayMsg::Error {
@@ -297,6 +326,31 @@ mod tests {
 
         let ping = encode(&ClientMsg::Ping { nonce: 300 }, 64).unwrap();
         assert_eq!(ping, [5, 251, 0x2c, 0x01]);
+
+        // Presence: variant 7 of ClientMsg and 9 of RelayMsg, the state as an Option.
+        let here = crate::transport::Presence {
+            name: "al".into(),
+            color: 0xff,
+            selection: None,
+        };
+        let presence = ClientMsg::Presence {
+            namespace: "n".into(),
+            doc: doc(0x33),
+            state: Some(here.clone()),
+        };
+        let mut expected = vec![7, 1, b'n'];
+        expected.extend([0x33; 16]);
+        expected.extend([1, 2, b'a', b'l', 251, 0xff, 0x00, 0]);
+        assert_eq!(encode(&presence, 64).unwrap(), expected);
+        let left = RelayMsg::Presence {
+            doc: doc(0x33),
+            peer: 4,
+            state: None,
+        };
+        let mut expected = vec![9];
+        expected.extend([0x33; 16]);
+        expected.extend([4, 0]);
+        assert_eq!(encode(&left, 64).unwrap(), expected);
 
         let pull = ClientMsg::Pull {
             doc: doc(0xaa),
@@ -511,7 +565,38 @@ mod tests {
                 }),
             any::<u64>().prop_map(|nonce| ClientMsg::Ping { nonce }),
             any::<u64>().prop_map(|nonce| ClientMsg::Pong { nonce }),
+            (".{0,12}", arb_doc(), prop::option::of(arb_presence())).prop_map(
+                |(namespace, doc, state)| ClientMsg::Presence {
+                    namespace,
+                    doc,
+                    state
+                }
+            ),
         ]
+    }
+
+    fn arb_presence() -> impl Strategy<Value = crate::transport::Presence> {
+        // Cursors as a peer may send them: any string (they are checked only when resolved).
+        let cursor = || {
+            ".{0,20}".prop_map(|s| {
+                serde_json::from_value::<crate::crdt::editing::TextCursor>(serde_json::json!(s))
+                    .unwrap()
+            })
+        };
+        (
+            ".{0,12}",
+            any::<u32>(),
+            prop::option::of((".{0,8}", cursor(), cursor())),
+        )
+            .prop_map(|(name, color, sel)| crate::transport::Presence {
+                name,
+                color,
+                selection: sel.map(|(field, anchor, head)| crate::transport::Selection {
+                    field,
+                    anchor,
+                    head,
+                }),
+            })
     }
 
     fn arb_relay_msg() -> impl Strategy<Value = RelayMsg> {
@@ -615,6 +700,8 @@ mod tests {
                 }),
             any::<u64>().prop_map(|nonce| RelayMsg::Ping { nonce }),
             any::<u64>().prop_map(|nonce| RelayMsg::Pong { nonce }),
+            (arb_doc(), any::<u64>(), prop::option::of(arb_presence()))
+                .prop_map(|(doc, peer, state)| RelayMsg::Presence { doc, peer, state }),
         ]
     }
 

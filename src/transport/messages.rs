@@ -11,6 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::crdt::editing::{TextCursor, MAX_CURSOR_LEN};
 use crate::ids::DocId;
 
 /// The protocol version this build speaks, sent in both hellos.
@@ -73,6 +74,68 @@ pub enum ClientMsg {
     Ping { nonce: u64 },
     /// The answer to the relay's `Ping`.
     Pong { nonce: u64 },
+    /// This connection's presence in `doc` (of `namespace`, which the token must be able to
+    /// read) is now `state`; `None` leaves the document. Ephemeral: the relay keeps it in
+    /// memory while the connection lasts, forwards it to the other connections present in the
+    /// same document, and stores nothing. Rate-limited: the excess is dropped.
+    Presence {
+        namespace: String,
+        doc: DocId,
+        state: Option<Presence>,
+    },
+}
+
+/// Who someone is in a document and where their caret is, as presence messages carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Presence {
+    /// The name to show.
+    pub name: String,
+    /// Their colour, `0xRRGGBB`.
+    pub color: u32,
+    /// Their caret or selection in a text field, if they have one.
+    pub selection: Option<Selection>,
+}
+
+/// A caret (`anchor == head`) or a selection in a text field, as stable cursors that every
+/// device resolves to its own positions.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Selection {
+    /// The text field (today's name).
+    pub field: String,
+    /// Where the selection started.
+    pub anchor: TextCursor,
+    /// Where it ends: the caret.
+    pub head: TextCursor,
+}
+
+/// The longest name a presence may carry, in bytes.
+pub const MAX_PRESENCE_NAME: usize = 64;
+/// The longest field name a presence may carry, in bytes.
+pub const MAX_PRESENCE_FIELD: usize = 128;
+
+impl Presence {
+    /// Whether every part is within its bound (a relay refuses a presence that is not).
+    pub fn check(&self) -> Result<(), String> {
+        if self.name.len() > MAX_PRESENCE_NAME {
+            return Err(format!(
+                "a presence name of {} bytes is over the {MAX_PRESENCE_NAME}-byte limit",
+                self.name.len()
+            ));
+        }
+        if let Some(sel) = &self.selection {
+            if sel.field.len() > MAX_PRESENCE_FIELD {
+                return Err(format!(
+                    "a presence field name over {MAX_PRESENCE_FIELD} bytes"
+                ));
+            }
+            if sel.anchor.as_str().len() > MAX_CURSOR_LEN
+                || sel.head.as_str().len() > MAX_CURSOR_LEN
+            {
+                return Err(format!("a presence cursor over {MAX_CURSOR_LEN} bytes"));
+            }
+        }
+        Ok(())
+    }
 }
 
 /// The relay's limits, announced in its hello so a client can size its frames and batches.
@@ -150,6 +213,13 @@ pub enum RelayMsg {
     Ping { nonce: u64 },
     /// The answer to the client's `Ping`.
     Pong { nonce: u64 },
+    /// Connection `peer` (a number the relay gives each connection) is now present in `doc`
+    /// as `state`, or has left it (`None`: it said so, or its connection ended).
+    Presence {
+        doc: DocId,
+        peer: u64,
+        state: Option<Presence>,
+    },
 }
 
 /// What kind of error a [`RelayMsg::Error`] reports. The variant order is part of the wire

@@ -13,5 +13,6 @@ pub mod messages;
 pub use backoff::{Backoff, BackoffConfig};
 pub use codec::{decode, encode, CodecError, DEFAULT_MAX_FRAME};
 pub use messages::{
-    ClientMsg, ErrorCode, FeedCursor, FeedEntry, Limits, RelayMsg, ALL_NAMESPACES, PROTOCOL_VERSION,
+    ClientMsg, ErrorCode, FeedCursor, FeedEntry, Limits, Presence, RelayMsg, Selection,
+    ALL_NAMESPACES, PROTOCOL_VERSION,
 };

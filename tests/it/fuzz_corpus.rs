@@ -10,11 +10,12 @@ use tandem::DocId;
 
 type Target = fn(&[u8]);
 
-const TARGETS: [(&str, Target); 4] = [
+const TARGETS: [(&str, Target); 5] = [
     ("wire", fuzzing::wire),
     ("relay_ingest", fuzzing::relay_ingest),
     ("store_load", fuzzing::store_load),
     ("schema", fuzzing::schema),
+    ("automerge_repo", fuzzing::automerge_repo),
 ];
 
 fn corpus(target: &str) -> PathBuf {
@@ -99,6 +100,13 @@ fn seeds() -> Vec<(&'static str, String, Vec<u8>)> {
         "seed-note".into(),
         crate::support::NOTE_SCHEMA.as_bytes().to_vec(),
     ));
+    // Frames captured from automerge-repo's JavaScript packages.
+    let frames = include_str!("../data/automerge-repo-frames.jsonl");
+    for (i, line) in frames.lines().filter(|l| !l.trim().is_empty()).enumerate() {
+        let f: serde_json::Value = serde_json::from_str(line).unwrap();
+        let bytes = hex::decode(f["hex"].as_str().unwrap()).unwrap();
+        out.push(("automerge_repo", format!("seed-frame-{i}"), bytes));
+    }
     out.push((
         "schema",
         "seed-bad".into(),

@@ -118,3 +118,47 @@ proptest! {
         prop_assert_eq!(&state(&b, &id), &sx);
     }
 }
+
+/// The frames automerge-repo's JavaScript packages send (tests/data).
+fn amrepo_frames() -> Vec<Vec<u8>> {
+    include_str!("../data/automerge-repo-frames.jsonl")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let f: serde_json::Value = serde_json::from_str(l).unwrap();
+            hex::decode(f["hex"].as_str().unwrap()).unwrap()
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, .. ProptestConfig::default() })]
+
+    /// Real frames with bytes overwritten, inserted or cut off go through the `/automerge`
+    /// decoders and the relay's side of the sync protocol without a panic.
+    #[test]
+    fn mutated_automerge_repo_frames_never_panic(
+        frame in 0usize..100,
+        edits in proptest::collection::vec((any::<u16>(), any::<u8>(), 0u8..3), 1..8),
+        cut in proptest::option::of(any::<u16>()),
+    ) {
+        let frames = amrepo_frames();
+        let mut bytes = frames[frame % frames.len()].clone();
+        for (at, b, kind) in edits {
+            let at = at as usize % (bytes.len() + 1);
+            match kind {
+                0 if at < bytes.len() => bytes[at] = b,
+                1 => bytes.insert(at, b),
+                _ => {
+                    if at < bytes.len() {
+                        bytes.remove(at);
+                    }
+                }
+            }
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c as usize % (bytes.len() + 1));
+        }
+        tandem::fuzzing::automerge_repo(&bytes);
+    }
+}

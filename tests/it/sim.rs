@@ -466,6 +466,7 @@ fn describe_client(m: &ClientMsg) -> String {
         } => format!("Push {} batch={batch} n={}", short(doc), changes.len()),
         ClientMsg::Ping { nonce } => format!("Ping {nonce}"),
         ClientMsg::Pong { nonce } => format!("Pong {nonce}"),
+        ClientMsg::Presence { doc, .. } => format!("Presence {}", short(doc)),
     }
 }
 
@@ -506,6 +507,7 @@ fn describe_relay(m: &RelayMsg) -> String {
         } => format!("Error {code:?} {:?}: {message}", doc.map(|d| short(&d))),
         RelayMsg::Ping { nonce } => format!("Ping {nonce}"),
         RelayMsg::Pong { nonce } => format!("Pong {nonce}"),
+        RelayMsg::Presence { doc, peer, .. } => format!("Presence {} peer={peer}", short(doc)),
     }
 }
 
@@ -1043,7 +1045,7 @@ impl Sim {
         self.stats.frames += 1;
         let relay = &mut self.relay;
         let effects = match &mut conn.relay {
-            Some(session) => session.handle_frame(&relay.log, &frame),
+            Some(session) => session.handle_frame(&relay.log, self.now, &frame),
             None => {
                 let limit = relay.cfg.limits.max_frame_bytes as usize;
                 let first = codec::decode::<ClientMsg>(&frame, limit).ok();
@@ -1127,6 +1129,8 @@ impl Sim {
                         }
                     }
                 }
+                // The simulated devices announce no presence.
+                Effect::Presence { .. } => {}
                 Effect::Compact(doc) => {
                     if !self.relay.compactions.contains(&doc) {
                         self.relay.compactions.push(doc);
@@ -1360,7 +1364,7 @@ impl Sim {
         };
         let hub_id = self.relay.hub.join(session.claims().cloned(), u64::MAX);
         let _ = session.greet(&self.relay.log);
-        let effects = session.handle_frame(&self.relay.log, &frame);
+        let effects = session.handle_frame(&self.relay.log, self.now, &frame);
         let mut answers = Vec::new();
         self.carry_out(None, Some(hub_id), effects, &mut answers);
         self.relay.hub.leave(hub_id);
@@ -1630,6 +1634,8 @@ fn relay_config(rng: &mut StdRng) -> RelayConfig {
         },
         page_bytes: *pick(rng, &[300u64, 2000, 1 << 20]),
         feed_page: *pick(rng, &[1usize, 2, 3, 1000]),
+        presence_per_sec: 20,
+        presence_burst: 40,
     }
 }
 

@@ -32,7 +32,8 @@ pub fn token(sub: &str, read: &[&str], write: &[&str], ttl: Duration) -> String 
     )
 }
 
-/// A relay on a free loopback port with JWT auth, storing in `data` (memory when `None`).
+/// A relay on a free loopback port with JWT auth, storing in `data` (memory when `None`), or
+/// in a PostgreSQL schema of its own when `TANDEM_TEST_BACKEND=postgres` (see `pg.rs`).
 pub async fn relay(data: Option<std::path::PathBuf>) -> RelayHandle {
     relay_with(data, |_| {}).await
 }
@@ -46,6 +47,12 @@ pub async fn relay_with(
         data,
         Auth::Jwt(std::sync::Arc::new(secret())),
     );
+    if crate::pg::enabled() {
+        cfg.postgres = Some(match &cfg.data {
+            Some(path) => crate::pg::for_path(path),
+            None => crate::pg::fresh(),
+        });
+    }
     f(&mut cfg);
     start(cfg).await.unwrap()
 }

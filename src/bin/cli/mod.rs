@@ -97,6 +97,8 @@ pub enum Command {
     Relay(relay::RelayArgs),
     /// Mint an access token for a relay.
     Token(relay::TokenArgs),
+    /// Move an embedded relay's data into PostgreSQL, and verify it (counts and hashes).
+    MigrateRelay(relay::MigrateArgs),
 }
 
 impl Cli {
@@ -148,6 +150,7 @@ pub fn main() -> i32 {
         Command::Sync(a) => sync::run(&cli, a),
         Command::Relay(args) => relay::run(&cli, args),
         Command::Token(args) => relay::token(&cli, args),
+        Command::MigrateRelay(args) => relay::migrate(&cli, args),
     };
     match result {
         Ok(()) => 0,

@@ -47,10 +47,68 @@ pub struct RelayArgs {
     /// Compact a document's log after this many changes.
     #[arg(long, default_value_t = 10_000)]
     pub compact_after: u64,
+    /// Presence updates one connection may send per second (the excess is dropped).
+    #[arg(long, default_value_t = 20)]
+    pub presence_per_sec: u32,
+    /// Presence updates one connection may send at once before the rate applies.
+    #[arg(long, default_value_t = 40)]
+    pub presence_burst: u32,
     /// Give the relay a new identity before starting (after restoring an older backup):
     /// devices then re-push what the backup lacks instead of trusting cursors it never had.
     #[arg(long)]
     pub new_identity: bool,
+    /// Keep the change log and feeds in this PostgreSQL database (e.g.
+    /// postgres://tandem@db:5432/tandem) instead of the `--data` folder, so that several
+    /// relay nodes can share them. See docs/scaling.md.
+    #[arg(long, value_name = "URL", env = "TANDEM_RELAY_POSTGRES")]
+    pub postgres: Option<String>,
+    /// With --postgres: the Redis (redis://host:port) that carries live changes across nodes.
+    /// Without it, nodes still converge, by polling the feeds.
+    #[arg(
+        long,
+        value_name = "URL",
+        requires = "postgres",
+        env = "TANDEM_RELAY_REDIS"
+    )]
+    pub redis: Option<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct MigrateArgs {
+    /// The relay's data folder (the relay must be stopped).
+    #[arg(long, value_name = "DIR")]
+    pub from_sled: PathBuf,
+    /// The empty PostgreSQL database to move it into.
+    #[arg(long, value_name = "URL")]
+    pub postgres: String,
+}
+
+/// `tandem migrate-relay`: copy, then compare both sides; exit 1 unless they match.
+pub fn migrate(cli: &Cli, args: &MigrateArgs) -> CmdResult {
+    let from = tandem::relay::log::RelayLog::open(&args.from_sled)
+        .map_err(|e| Failure::new(1, format!("{}: {e}", args.from_sled.display())))?;
+    let mut to = tandem::relay::postgres::PgLog::connect(&args.postgres)
+        .map_err(|e| Failure::new(1, format!("postgres: {e}")))?;
+    let r = tandem::relay::migrate::sled_to_postgres(&from, &mut to)
+        .map_err(|e| Failure::new(1, format!("migration: {e}")))?;
+    if cli.json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "documents": r.documents,
+                "changes": r.changes,
+                "feed_entries": r.feed_entries,
+                "digest": r.digest,
+                "verified": true,
+            })
+        );
+    } else {
+        println!(
+            "migrated and verified {} documents, {} changes, {} feed entries (digest {})",
+            r.documents, r.changes, r.feed_entries, r.digest
+        );
+    }
+    Ok(())
 }
 
 #[derive(Args, Debug)]
@@ -128,7 +186,15 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
         }
     };
     let data = cli.data_dir("TANDEM_RELAY_DATA", "./tandem-relay");
-    if args.new_identity {
+    if args.new_identity && args.postgres.is_some() {
+        let url = args.postgres.clone().unwrap_or_default();
+        let mut log = tandem::relay::postgres::PgLog::connect(&url)
+            .map_err(|e| Failure::new(1, format!("postgres: {e}")))?;
+        let id = log
+            .new_identity()
+            .map_err(|e| Failure::new(1, e.to_string()))?;
+        eprintln!("new relay identity {}", hex::encode(id));
+    } else if args.new_identity {
         let mut log = tandem::relay::log::RelayLog::open(&data)
             .map_err(|e| Failure::new(1, format!("{}: {e}", data.display())))?;
         let id = log
@@ -145,6 +211,10 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
     cfg.handshake_timeout = Duration::from_secs(args.handshake_timeout);
     cfg.idle_timeout = Duration::from_secs(args.idle_timeout);
     cfg.compact_after = args.compact_after;
+    cfg.presence_per_sec = args.presence_per_sec;
+    cfg.presence_burst = args.presence_burst;
+    cfg.postgres = args.postgres.clone();
+    cfg.redis = args.redis.clone();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let handle = start(cfg)
