@@ -372,8 +372,10 @@ impl Repo {
     }
 
     /// Open a folder for reading only: a device store as it is, or a (stopped) relay's data
-    /// folder, whose documents are loaded into memory. Nothing is written to the folder; a
-    /// folder that holds no store is an error rather than a new empty store.
+    /// folder, whose documents are loaded into memory. Nothing is written to the folder but
+    /// the recovery any open does (a crashed store's write-ahead log is replayed into sled and
+    /// made durable there); a folder that holds no store is an error rather than a new empty
+    /// store.
     pub fn open_for_reading(path: impl AsRef<Path>, opts: RepoOptions) -> Result<Repo, Error> {
         let path = path.as_ref();
         if !path.join("db").exists() {

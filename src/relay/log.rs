@@ -471,9 +471,15 @@ impl RelayLog {
     }
 
     fn pull_once(&self, doc: &DocId, after: u64, max_bytes: u64) -> Result<Page, StoreError> {
+        let page = self.pull_read(doc, after, max_bytes)?;
         // Serve only what is durable: a device that saw seq N and persisted that cursor must
-        // never meet another change numbered N after a crash.
+        // never meet another change numbered N after a crash. After the read, so that a push
+        // applied while we read is covered too.
         self.durable()?;
+        Ok(page)
+    }
+
+    fn pull_read(&self, doc: &DocId, after: u64, max_bytes: u64) -> Result<Page, StoreError> {
         let Some(rec) = self.record(doc)? else {
             return Ok(Page {
                 namespace: String::new(),
@@ -538,7 +544,6 @@ impl RelayLog {
         limit: usize,
     ) -> Result<(Vec<FeedEntry>, u64, bool), StoreError> {
         self.stats.feed_pages.fetch_add(1, Ordering::Relaxed);
-        self.durable()?;
         let prefix = ns_key(T_FEED, namespace, &[]);
         let start = ns_key(T_FEED, namespace, &[&after.saturating_add(1).to_be_bytes()]);
         let found = self.backend.scan_from(&prefix, &start, limit + 1)?;
@@ -559,6 +564,9 @@ impl RelayLog {
             });
             next = pos;
         }
+        // Only durable entries are served (see `pull_once`): after the read, so that what a
+        // concurrent push added to what we read is covered.
+        self.durable()?;
         Ok((entries, next, more))
     }
 

@@ -59,7 +59,7 @@ pub trait Backend: Send + Sync {
 pub struct SledBackend {
     db: sled::Db,
     tree: sled::Tree,
-    data_file: Option<Arc<File>>,
+    data_file: Arc<File>,
     wal: Arc<Wal>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
     /// Declared last: leaves `OPEN_HERE` after sled's handles are dropped.
@@ -138,11 +138,9 @@ impl SledBackend {
         let mut f = File::create(path.join(PID_FILE))?;
         writeln!(f, "{}", std::process::id())?;
         let tree = db.open_tree("tandem")?;
-        let data_file = if opts.fsync {
-            Some(Arc::new(File::open(data_path(path))?))
-        } else {
-            None
-        };
+        // Checkpoints, replay and the clean close always fdatasync sled's data file: they are
+        // what lets log files go, whatever `opts.fsync` says about each commit.
+        let data_file = Arc::new(File::open(data_path(path))?);
         let sled_lsn = match tree.get(LSN_KEY)? {
             Some(v) => u64::from_be_bytes(
                 v.as_ref()
@@ -156,7 +154,7 @@ impl SledBackend {
             opts.fsync,
             sled_lsn,
             |lsn, ops| apply_ops(&tree, lsn, ops),
-            || flush_sled(&db, data_file.as_deref()),
+            || flush_sled(&db, &data_file),
         )?;
         if replayed.applied > 0 {
             tracing::info!(
@@ -169,7 +167,7 @@ impl SledBackend {
             let (wal, db, data_file) = (wal.clone(), db.clone(), data_file.clone());
             std::thread::Builder::new()
                 .name("tandem-checkpoint".into())
-                .spawn(move || wal.checkpoint_loop(|| flush_sled(&db, data_file.as_deref())))?
+                .spawn(move || wal.checkpoint_loop(|| flush_sled(&db, &data_file)))?
         };
         Ok(SledBackend {
             db,
@@ -201,11 +199,9 @@ fn apply_ops(tree: &sled::Tree, lsn: u64, ops: Vec<Op>) -> Result<(), StoreError
 }
 
 /// Make everything sled has applied durable in sled itself (a checkpoint of the log).
-fn flush_sled(db: &sled::Db, data_file: Option<&File>) -> Result<(), StoreError> {
+fn flush_sled(db: &sled::Db, data_file: &File) -> Result<(), StoreError> {
     db.flush()?;
-    if let Some(f) = data_file {
-        f.sync_data()?;
-    }
+    data_file.sync_data()?;
     Ok(())
 }
 
@@ -216,9 +212,7 @@ impl Drop for SledBackend {
         if let Some(t) = self.checkpointer.take() {
             let _ = t.join();
         }
-        if self.wal.write_pending().is_ok()
-            && flush_sled(&self.db, self.data_file.as_deref()).is_ok()
-        {
+        if self.wal.write_pending().is_ok() && flush_sled(&self.db, &self.data_file).is_ok() {
             self.wal.remove_all();
         }
     }

@@ -52,9 +52,9 @@ impl GroupCommit {
         let r = backend.write(batch);
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         st.writing -= 1;
-        if r.is_ok() {
-            st.taken += 1;
-        }
+        // A failed write is a ticket too (a flush covering it is harmless): a reader that
+        // counted it while it was under way must not wait for a ticket that never comes.
+        st.taken += 1;
         if st.writing == 0 {
             self.done.notify_all();
         }
@@ -66,7 +66,8 @@ impl GroupCommit {
     /// acknowledge anything that a crash could still take back).
     pub(crate) fn sync(&self, backend: &dyn Backend) -> Result<(), StoreError> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mine = st.taken;
+        // Batches being applied right now count: a reader may already see what they wrote.
+        let mine = st.taken + u64::from(st.writing);
         loop {
             if st.durable >= mine {
                 return Ok(());

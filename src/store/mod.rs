@@ -488,7 +488,6 @@ impl Store {
     /// is durable is returned (a change pushed before its local flush could be acknowledged by a
     /// relay and then lost here, and its (actor, seq) reused).
     pub fn outbox(&self, doc: &DocId) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
-        self.durable()?;
         let pending: Vec<u64> = self
             .backend
             .scan(&key(T_OUTBOX, doc, &[]))?
@@ -507,6 +506,8 @@ impl Store {
             })?;
             out.push((seq, change));
         }
+        // After the read, so that a write applied while we read is durable too.
+        self.durable()?;
         Ok(out)
     }
 

@@ -35,9 +35,6 @@ pub(crate) const LSN_KEY: &[u8] = b"\x00wal-lsn";
 /// A log file is closed and checkpointed once it holds this much.
 pub(crate) const ROTATE_BYTES: u64 = 16 << 20;
 
-/// How long a failed checkpoint waits before it tries again.
-const CHECKPOINT_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// A log file grows by this much of zeros at a time (see `State::allocated`).
 const PREALLOCATE: u64 = 1 << 20;
 
@@ -50,6 +47,8 @@ pub(crate) struct Wal {
     state: Mutex<State>,
     /// Wakes the checkpointer (a file was closed, or the log is shutting down).
     wake: Condvar,
+    /// Held across one sync's write and fdatasync.
+    syncing: Mutex<()>,
 }
 
 struct State {
@@ -67,6 +66,8 @@ struct State {
     closed: Vec<u64>,
     /// A failed write or fdatasync: the file's tail is unknown, so nothing more is accepted.
     failed: Option<String>,
+    /// A checkpoint failed: no log file may be deleted by this process any more.
+    checkpoint_failed: bool,
     stop: bool,
 }
 
@@ -100,15 +101,20 @@ impl Wal {
         for entry in std::fs::read_dir(dir)? {
             let name = entry?.file_name();
             let name = name.to_string_lossy();
+            // Only names this log writes: 16 digits exactly.
             if let Some(n) = name
                 .strip_prefix("wal-")
                 .and_then(|s| s.strip_suffix(".log"))
+                .filter(|s| s.len() == 16 && s.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|s| s.parse().ok())
             {
                 indexes.push(n);
             }
         }
         indexes.sort_unstable();
+        let corrupt = |index: u64, what: String| {
+            StoreError::Corrupt(format!("write-ahead log {}: {what}", file_name(index)))
+        };
         let mut last_lsn = sled_lsn;
         let mut applied = 0;
         for (i, &index) in indexes.iter().enumerate() {
@@ -117,30 +123,39 @@ impl Wal {
             let mut at = 0;
             while at < bytes.len() {
                 // Zeros past the last record were written ahead of it (no record is empty).
+                // A closed file was made durable whole, so there the zeros must run to its end.
                 if bytes[at..].iter().take(8).all(|b| *b == 0) {
+                    if !newest && bytes[at..].iter().any(|b| *b != 0) {
+                        return Err(corrupt(index, format!("records after zeros at byte {at}")));
+                    }
                     break;
                 }
                 match decode(&bytes[at..]) {
                     Some((lsn, ops, used)) => {
+                        // Records follow one another: a gap or a step back is damage, and
+                        // applying past it would put an older batch over a newer one.
                         if lsn > sled_lsn {
+                            if lsn != last_lsn + 1 {
+                                return Err(corrupt(
+                                    index,
+                                    format!("record {lsn} follows {last_lsn}"),
+                                ));
+                            }
                             apply(lsn, ops)?;
                             applied += 1;
+                            last_lsn = lsn;
                         }
-                        last_lsn = last_lsn.max(lsn);
                         at += used;
                     }
                     // A torn tail: the write that was under way when the process died.
                     None if newest => break,
-                    None => {
-                        return Err(StoreError::Corrupt(format!(
-                            "write-ahead log {} is damaged at byte {at}",
-                            file_name(index)
-                        )))
-                    }
+                    None => return Err(corrupt(index, format!("damaged at byte {at}"))),
                 }
             }
         }
-        if applied > 0 {
+        // Whatever sled holds of these records may not be durable in sled yet (its flushes
+        // since the last checkpoint were not fdatasynced): make it so before the log goes.
+        if !indexes.is_empty() {
             sync_sled()?;
         }
         for index in &indexes {
@@ -161,9 +176,11 @@ impl Wal {
                     next_lsn: last_lsn + 1,
                     closed: Vec::new(),
                     failed: None,
+                    checkpoint_failed: false,
                     stop: false,
                 }),
                 wake: Condvar::new(),
+                syncing: Mutex::new(()),
             },
             applied,
         })
@@ -181,19 +198,28 @@ impl Wal {
             return Err(StoreError::Io(msg.clone()));
         }
         let lsn = st.next_lsn;
-        let start = st.buf.len();
-        encode(&mut st.buf, lsn, &ops);
-        if let Err(e) = apply(lsn, ops) {
-            // Take the record back: sled did not apply it.
-            st.buf.truncate(start);
-            return Err(e);
+        let mut record = Vec::new();
+        encode(&mut record, lsn, &ops);
+        if record.len() - 8 > u32::MAX as usize {
+            return Err(StoreError::Corrupt("a batch over 4 GiB".into()));
         }
+        if let Err(e) = apply(lsn, ops) {
+            // sled may hold part of the batch in memory now (its batches are atomic only
+            // across a crash): nothing more may be acknowledged from this state.
+            let msg = format!("write-ahead log: sled refused a batch ({e}); reopen the store");
+            st.failed = Some(msg.clone());
+            return Err(StoreError::Io(msg));
+        }
+        st.buf.extend_from_slice(&record);
         st.next_lsn += 1;
         Ok(())
     }
 
     /// Make every appended record durable: one write and one fdatasync for all of them.
     pub(crate) fn sync(&self) -> Result<(), StoreError> {
+        // One sync at a time: an fdatasync error is reported to one caller only, so a second
+        // caller's fdatasync could succeed over records the first one lost.
+        let _one = self.syncing.lock().unwrap_or_else(|p| p.into_inner());
         let file = {
             let mut st = lock(&self.state);
             self.write_out(&mut st)?;
@@ -205,6 +231,9 @@ impl Wal {
             }
         }
         let mut st = lock(&self.state);
+        if let Some(msg) = &st.failed {
+            return Err(StoreError::Io(msg.clone()));
+        }
         if st.file_bytes >= ROTATE_BYTES && Arc::ptr_eq(&st.file, &file) {
             self.rotate(&mut st)?;
         }
@@ -226,7 +255,13 @@ impl Wal {
             result = st
                 .file
                 .write_all_at(&vec![0; grow as usize], st.allocated)
-                .and_then(|()| st.file.sync_data());
+                .and_then(|()| {
+                    if self.fsync {
+                        st.file.sync_data()
+                    } else {
+                        Ok(())
+                    }
+                });
             if result.is_ok() {
                 st.allocated += grow;
             }
@@ -299,12 +334,18 @@ impl Wal {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!("write-ahead log: checkpoint failed, retrying in a second: {e}");
+                    // A failed fdatasync is reported once; a retry could "succeed" over pages
+                    // that never reached the disk. Keep every log file (the next open replays
+                    // them) and accept no more writes.
+                    tracing::error!(
+                        "write-ahead log: checkpoint failed, the store stops taking writes: {e}"
+                    );
                     let mut st = lock(&self.state);
-                    st.closed.extend(closed);
-                    if !st.stop {
-                        drop(self.wake.wait_timeout(st, CHECKPOINT_RETRY));
-                    }
+                    st.failed = Some(format!(
+                        "write-ahead log: checkpoint failed ({e}); reopen the store"
+                    ));
+                    st.checkpoint_failed = true;
+                    return;
                 }
             }
         }
@@ -318,7 +359,7 @@ impl Wal {
     /// On a clean close, once sled is flushed: nothing in the log is needed any more.
     pub(crate) fn remove_all(&self) {
         let st = lock(&self.state);
-        if st.failed.is_some() || !st.buf.is_empty() {
+        if st.failed.is_some() || st.checkpoint_failed || !st.buf.is_empty() {
             return;
         }
         for index in st.closed.iter().chain([&st.index]) {
@@ -539,6 +580,46 @@ mod tests {
     fn rotate_now(wal: &Wal) {
         let mut st = lock(&wal.state);
         wal.rotate(&mut st).unwrap();
+    }
+
+    #[test]
+    fn a_gap_or_step_back_in_the_records_is_corruption() {
+        for lsns in [[1u64, 3], [2, 1]] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut bytes = Vec::new();
+            for lsn in lsns {
+                encode(&mut bytes, lsn, &ops(lsn as u8));
+            }
+            std::fs::write(dir.path().join(file_name(0)), &bytes).unwrap();
+            let r = Wal::open(dir.path(), false, 0, |_, _| Ok(()), || Ok(()));
+            assert!(matches!(r, Err(StoreError::Corrupt(_))), "{lsns:?}");
+            assert!(dir.path().join(file_name(0)).exists(), "kept for a look");
+        }
+    }
+
+    #[test]
+    fn records_after_zeros_in_a_closed_file_are_corruption() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bytes = Vec::new();
+        encode(&mut bytes, 1, &ops(1));
+        bytes.extend_from_slice(&[0; 16]);
+        encode(&mut bytes, 2, &ops(2));
+        std::fs::write(dir.path().join(file_name(0)), &bytes).unwrap();
+        std::fs::write(dir.path().join(file_name(1)), []).unwrap();
+        let r = Wal::open(dir.path(), false, 0, |_, _| Ok(()), || Ok(()));
+        assert!(matches!(r, Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn a_refused_batch_poisons_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path(), false, 0, |_, _| Ok(()), || Ok(()))
+            .unwrap()
+            .wal;
+        let e = wal.append(ops(1), |_, _| Err(StoreError::Io("disk".into())));
+        assert!(e.is_err());
+        assert!(wal.append(ops(2), |_, _| Ok(())).is_err());
+        assert!(wal.sync().is_err());
     }
 
     #[test]
