@@ -315,24 +315,38 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// A connection slot (or 503 at the limit) and the `Authorization` header, for either endpoint.
+// The error is the response itself, built once per refused upgrade: boxing it buys nothing.
+#[allow(clippy::result_large_err)]
+fn admit(
+    shared: &Shared,
+    headers: &HeaderMap,
+) -> Result<(tokio::sync::OwnedSemaphorePermit, Option<String>), axum::response::Response> {
+    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+        return Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            "relay at its connection limit\n",
+        )
+            .into_response());
+    };
+    let authorization = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    Ok((permit, authorization))
+}
+
 async fn upgrade(
     ws: WebSocketUpgrade,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
     State(shared): State<Arc<Shared>>,
 ) -> axum::response::Response {
-    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay at its connection limit\n",
-        )
-            .into_response();
+    let (permit, authorization) = match admit(&shared, &headers) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
     };
-    let authorization = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let max = shared.cfg.limits.max_frame_bytes as usize;
     ws.read_buffer_size(4096)
         .write_buffer_size(0)
@@ -362,18 +376,10 @@ async fn upgrade_automerge(
     RawQuery(query): RawQuery,
     State(shared): State<Arc<Shared>>,
 ) -> axum::response::Response {
-    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-        shared.stats.refused.fetch_add(1, Ordering::Relaxed);
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "relay at its connection limit\n",
-        )
-            .into_response();
+    let (permit, authorization) = match admit(&shared, &headers) {
+        Ok(admitted) => admitted,
+        Err(refused) => return refused,
     };
-    let authorization = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
     let auth = match &shared.cfg.auth {
         Auth::InsecureNoAuth => Ok(None),
         Auth::Jwt(secret) => auth::authenticate(
