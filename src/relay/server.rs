@@ -347,6 +347,14 @@ async fn upgrade(
         Ok(admitted) => admitted,
         Err(refused) => return refused,
     };
+    sized(ws, &shared).on_upgrade(move |socket| async move {
+        let conn = connection(socket, shared.clone(), authorization, query);
+        counted(&shared, permit, conn).await;
+    })
+}
+
+/// The socket's buffers and limits, the same for both endpoints.
+fn sized(ws: WebSocketUpgrade, shared: &Shared) -> WebSocketUpgrade {
     let max = shared.cfg.limits.max_frame_bytes as usize;
     ws.read_buffer_size(4096)
         .write_buffer_size(0)
@@ -355,16 +363,22 @@ async fn upgrade(
         .max_write_buffer_size(max + (64 << 10))
         .max_message_size(max)
         .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-            shared
-                .stats
-                .connections_total
-                .fetch_add(1, Ordering::Relaxed);
-            connection(socket, shared.clone(), authorization, query).await;
-            shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        })
+}
+
+/// Run a connection, counted in the metrics, holding its slot until it ends.
+async fn counted(
+    shared: &Shared,
+    permit: tokio::sync::OwnedSemaphorePermit,
+    conn: impl std::future::Future<Output = ()>,
+) {
+    shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    conn.await;
+    shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
+    drop(permit);
 }
 
 /// `/automerge`: automerge-repo's WebSocket protocol (see `amrepo`). Browsers cannot set
@@ -396,23 +410,11 @@ async fn upgrade_automerge(
             .find(|(k, v)| *k == "namespace" && !v.is_empty())
             .map(|(_, v)| v.to_string())
     });
-    let max = shared.cfg.limits.max_frame_bytes as usize;
-    ws.read_buffer_size(4096)
-        .write_buffer_size(0)
-        .max_write_buffer_size(max + (64 << 10))
-        .max_message_size(max)
-        .max_frame_size(max)
-        .on_upgrade(move |socket| async move {
-            shared.stats.connections.fetch_add(1, Ordering::Relaxed);
-            shared
-                .stats
-                .connections_total
-                .fetch_add(1, Ordering::Relaxed);
-            let am = shared.amrepo.clone();
-            super::amrepo::serve(am, socket, auth, namespace, shared.shutdown.clone()).await;
-            shared.stats.connections.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
-        })
+    sized(ws, &shared).on_upgrade(move |socket| async move {
+        let am = shared.amrepo.clone();
+        let conn = super::amrepo::serve(am, socket, auth, namespace, shared.shutdown.clone());
+        counted(&shared, permit, conn).await;
+    })
 }
 
 fn encode(shared: &Shared, msg: &RelayMsg) -> Option<Bytes> {
