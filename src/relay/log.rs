@@ -29,7 +29,6 @@ use std::sync::Mutex;
 use automerge::{Automerge, Change, ChangeHash};
 use serde::{Deserialize, Serialize};
 
-use crate::crdt::parse_change;
 use crate::ids::DocId;
 use crate::store::{
     be_u64, key, put_chunks, read_value, read_values, Backend, Batch, GroupCommit, MemoryBackend,
@@ -333,11 +332,7 @@ impl RelayLog {
         changes: &[Vec<u8>],
     ) -> Result<Pushed, PushError> {
         // Parse (and hash) outside the lock: it is the expensive part.
-        let mut parsed = Vec::with_capacity(changes.len());
-        for (index, bytes) in changes.iter().enumerate() {
-            let c = parse_change(bytes).map_err(|reason| PushError::BadChange { index, reason })?;
-            parsed.push(c);
-        }
+        let parsed = super::storage::parse_push(changes)?;
         if parsed.is_empty() {
             return Ok(Pushed {
                 seqs: Vec::new(),

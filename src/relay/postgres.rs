@@ -1056,29 +1056,15 @@ impl PgLog {
         changes: &[Vec<u8>],
     ) -> Result<Pushed, PushError> {
         // Parse (and hash) here, on the caller's thread: it is the expensive part.
-        let mut parsed = Vec::with_capacity(changes.len());
-        for (index, bytes) in changes.iter().enumerate() {
-            let c = parse_change(bytes).map_err(|reason| PushError::BadChange { index, reason })?;
-            let actor = c.actor_id().to_bytes().to_vec();
-            if actor.len() > 255 {
-                return Err(PushError::BadChange {
-                    index,
-                    reason: "actor ids longer than 255 bytes are not accepted".into(),
-                });
-            }
-            if c.seq() == 0 {
-                return Err(PushError::BadChange {
-                    index,
-                    reason: "a change's seq starts at 1".into(),
-                });
-            }
-            parsed.push(Parsed {
+        let parsed: Vec<Parsed> = super::storage::parse_push(changes)?
+            .into_iter()
+            .map(|c| Parsed {
                 hash: c.hash().0,
-                actor,
+                actor: c.actor_id().to_bytes().to_vec(),
                 seq: c.seq(),
                 deps: c.deps().iter().map(|d| d.0).collect(),
-            });
-        }
+            })
+            .collect();
         if parsed.is_empty() {
             return Ok(Pushed {
                 seqs: Vec::new(),

@@ -11,6 +11,7 @@
 //! Auth, subscriptions and fan-out are not here: they are the same over every backend.
 
 use super::log::{DocRecord, LogStats, Page, PushError, Pushed, RelayLog};
+use crate::crdt::parse_change;
 use crate::ids::DocId;
 use crate::store::StoreError;
 use crate::transport::FeedEntry;
@@ -128,4 +129,26 @@ impl RelayStore for RelayLog {
     fn flush_counts(&self) -> (u64, u64) {
         RelayLog::flush_counts(self)
     }
+}
+
+/// Parse (and hash) the changes of a push, with the checks every backend makes: a valid,
+/// uncompressed Automerge change, seq from 1, an actor id of at most 255 bytes. The
+/// expensive part of a push, so backends call it before taking any lock.
+pub(crate) fn parse_push(changes: &[Vec<u8>]) -> Result<Vec<automerge::Change>, PushError> {
+    let mut parsed = Vec::with_capacity(changes.len());
+    for (index, bytes) in changes.iter().enumerate() {
+        let c = parse_change(bytes).map_err(|reason| PushError::BadChange { index, reason })?;
+        let refuse = |reason: &str| PushError::BadChange {
+            index,
+            reason: reason.into(),
+        };
+        if c.actor_id().to_bytes().len() > 255 {
+            return Err(refuse("actor ids longer than 255 bytes are not accepted"));
+        }
+        if c.seq() == 0 {
+            return Err(refuse("a change's seq starts at 1"));
+        }
+        parsed.push(c);
+    }
+    Ok(parsed)
 }
