@@ -6,7 +6,7 @@
 //! its UI thread. Events arrive on a bounded broadcast channel ([`Repo::subscribe`]) that the
 //! app can poll (`try_recv`), block on (`blocking_recv`) or await (`recv`).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -297,6 +297,90 @@ impl Tx<'_, '_> {
 struct Loaded {
     doc: Automerge,
     meta: DocMeta,
+    /// What reads of the document say about its fields, kept between local changes; `None`
+    /// until needed, and again after anything else changed the document.
+    shape: Option<Shape>,
+}
+
+impl Loaded {
+    fn new(doc: Automerge, meta: DocMeta) -> Self {
+        Loaded {
+            doc,
+            meta,
+            shape: None,
+        }
+    }
+}
+
+/// A document's fields, open conflicts and bookkeeping as reads of it give them. In Automerge
+/// every such read walks the history of the keys it passes (a title rewritten 2,500 times
+/// costs thousands of steps per read), and a change needs a dozen: kept, it costs one read of
+/// each critical field the change wrote.
+struct Shape {
+    /// [`View::fields`]: the schema type's fields first (`typed` of them), then the others.
+    fields: Vec<crdt::FieldRef>,
+    typed: usize,
+    /// Open conflicts on critical fields: field name → number of versions.
+    conflicts: BTreeMap<String, usize>,
+    /// No migration is pending.
+    current: bool,
+    /// The document's `_authors` names this device's author.
+    authored: bool,
+}
+
+impl Shape {
+    fn read(doc: &Automerge, schema: Option<&Schema>, actor: &ActorId, author: &str) -> Shape {
+        let view = View::new(doc, schema);
+        let fields = view.fields();
+        let conflicts = view
+            .conflicts_in(&fields, false)
+            .into_iter()
+            .map(|c| (c.field, c.versions.len()))
+            .collect();
+        Shape {
+            typed: view.typed_fields(),
+            fields,
+            conflicts,
+            current: schema.is_none_or(|s| migrate::pending(doc, s).is_empty()),
+            authored: view.author_of(actor).as_deref() == Some(author),
+        }
+    }
+
+    /// Bring the shape up to date after a local change that wrote only `keys` (stored keys; a
+    /// local change can open or close a conflict only on a key it writes).
+    /// False if the change may have changed more than values and conflicts of the schema
+    /// type's fields: then the shape must be read again.
+    fn follow(&mut self, doc: &Automerge, schema: Option<&Schema>, keys: &[String]) -> bool {
+        let view = View::new(doc, schema);
+        let keys: BTreeSet<&String> = keys.iter().collect();
+        for key in keys {
+            if key == crdt::AUTHORS_KEY || key == crdt::DELETED_KEY {
+                continue;
+            }
+            let Some(f) = self.fields[..self.typed].iter().find(|f| &f.key == key) else {
+                // A bookkeeping key, or a field outside the type: the field list may change.
+                return false;
+            };
+            if f.strategy != crate::Strategy::Critical {
+                continue;
+            }
+            match view.field_conflict(f) {
+                Some(c) => self.conflicts.insert(f.name.clone(), c.versions.len()),
+                None => self.conflicts.remove(&f.name),
+            };
+        }
+        self.authored = true;
+        true
+    }
+
+    /// Conflicted fields in the order of the document's fields.
+    fn conflicted(&self) -> Vec<String> {
+        self.fields
+            .iter()
+            .filter(|f| self.conflicts.contains_key(&f.name))
+            .map(|f| f.name.clone())
+            .collect()
+    }
 }
 
 /// Someone else present in a document: the relay's number for their connection, and what
@@ -491,6 +575,8 @@ impl Repo {
         Writer {
             tx: &mut tx,
             schema,
+            typed: &[],
+            touched: Vec::new(),
         }
         .record_author(&self.inner.actor, self.author())?;
         tx.commit_with(
@@ -511,7 +597,7 @@ impl Repo {
             .append(&id, &mut meta, &[change.raw_bytes().to_vec()], true)?;
         let heads = hex_heads(&doc.get_heads());
         let patches = editing::patches(&doc, schema, &[], &doc.get_heads()).into();
-        self.cache(id, Loaded { doc, meta });
+        self.cache(id, Loaded::new(doc, meta));
         self.emit(Event::Changed {
             doc: id,
             origin: Origin::Local,
@@ -554,6 +640,7 @@ impl Repo {
                 Ok(doc) => {
                     l.doc = doc;
                     l.meta = stored.meta;
+                    l.shape = None;
                 }
                 Err(reason) => {
                     tracing::error!(doc = %id, %reason, "could not reload after a failed write")
@@ -561,6 +648,7 @@ impl Repo {
             },
             Ok(None) => {
                 l.doc = Automerge::new().with_actor(self.inner.actor.clone());
+                l.shape = None;
                 l.meta = DocMeta {
                     namespace: l.meta.namespace.clone(),
                     ..DocMeta::default()
@@ -602,13 +690,7 @@ impl Repo {
         }
         let stored = self.inner.store.load(id)?.ok_or(Error::NotFound(*id))?;
         match self.build(&stored) {
-            Ok(doc) => Ok(self.cache(
-                *id,
-                Loaded {
-                    doc,
-                    meta: stored.meta,
-                },
-            )),
+            Ok(doc) => Ok(self.cache(*id, Loaded::new(doc, stored.meta))),
             Err(reason) => {
                 tracing::error!(doc = %id, %reason, "quarantining a document whose stored bytes do not load");
                 self.inner.store.quarantine(id, &reason)?;
@@ -668,29 +750,39 @@ impl Repo {
         let entry = self.entry(id)?;
         let mut l = lock(&entry);
         let schema = self.schema();
-        let before = crdt::conflict_map(&View::new(&l.doc, schema));
+        let mut shape = self.take_shape(&mut l);
+        let before = shape.conflicts.clone();
         let before_heads = l.doc.get_heads();
         let mut changes: Vec<Change> = match schema {
-            Some(s) => migrate::migrate(&mut l.doc, id, s)?,
-            None => Vec::new(),
+            Some(s) if !shape.current => migrate::migrate(&mut l.doc, id, s)?,
+            _ => Vec::new(),
+        };
+        // A migration changes the fields: then nothing of the shape carries over.
+        let migrated = !changes.is_empty();
+        let typed = if migrated {
+            &[][..]
+        } else {
+            &shape.fields[..shape.typed]
         };
         // Patches are logged as the transaction runs: diffing afterwards would cost time in
         // proportion to the document's history on every keystroke.
-        let migrated = !changes.is_empty();
         let mut tx = l
             .doc
             .transaction_log_patches(PatchLog::active())
             // Automerge refuses only a log already bound to another document; this one is new.
             .expect("a fresh patch log fits any document");
-        let result = {
+        let (result, touched) = {
             let mut t = Tx {
                 writer: Writer {
                     tx: &mut tx,
                     schema,
+                    typed,
+                    touched: Vec::new(),
                 },
                 message: None,
             };
-            f(&mut t).map(|_| t.message)
+            let r = f(&mut t).map(|_| t.message.take());
+            (r, t.writer.touched)
         };
         let message = match result {
             Ok(m) => m,
@@ -698,16 +790,20 @@ impl Repo {
                 tx.rollback();
                 // A refused write writes nothing, not even the migration it would have carried:
                 // put the document back as the store has it.
-                if !changes.is_empty() {
+                if migrated {
                     self.reload(id, &mut l);
+                } else {
+                    l.shape = Some(shape);
                 }
                 return Err(e.into());
             }
         };
-        if tx.pending_ops() > 0 {
+        if tx.pending_ops() > 0 && (migrated || !shape.authored) {
             Writer {
                 tx: &mut tx,
                 schema,
+                typed: &[],
+                touched: Vec::new(),
             }
             .record_author(&self.inner.actor, self.author())?;
         }
@@ -722,19 +818,42 @@ impl Repo {
             }
         }
         if changes.is_empty() {
+            l.shape = Some(shape);
             return Ok(None);
         }
-        self.persist_local(id, &mut l, &changes)?;
-        let after = crdt::conflict_map(&View::new(&l.doc, schema));
-        let now = l.doc.get_heads();
-        let patches = if migrated {
-            // A migration's changes came before the logged transaction (rare: once per schema
-            // version per document).
-            editing::patches(&l.doc, schema, &before_heads, &now)
+        // A migration's changes came before the logged transaction (rare: once per schema
+        // version per document): then the patches come from a diff.
+        let logged = (!migrated).then(|| l.doc.make_patches(&mut log));
+        let kept = !migrated && shape.follow(&l.doc, schema, &touched);
+        let mut meta = l.meta.clone();
+        if kept {
+            meta.heads = l.doc.get_heads().iter().map(|h| h.0).collect();
+            if touched.iter().any(|k| k == crdt::DELETED_KEY) {
+                meta.deleted = View::new(&l.doc, schema).is_deleted();
+            }
         } else {
-            editing::convert(&l.doc, schema, l.doc.make_patches(&mut log))
+            refresh_meta(&mut meta, &l.doc, schema);
+        }
+        self.persist_local(id, &mut l, &changes, meta)?;
+        if !kept {
+            shape = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
+        }
+        #[cfg(debug_assertions)]
+        {
+            // Every test run checks the kept shape against a fresh read.
+            let fresh = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
+            debug_assert_eq!(shape.conflicts, fresh.conflicts, "kept conflicts of {id}");
+            debug_assert_eq!(shape.fields, fresh.fields, "kept fields of {id}");
+        }
+        let now = l.doc.get_heads();
+        let patches = match logged {
+            Some(p) => editing::convert_named(&shape.fields, p),
+            None => editing::patches(&l.doc, schema, &before_heads, &now),
         }
         .into();
+        let after = shape.conflicts.clone();
+        let status = self.status_with(id, &l.meta, &shape);
+        l.shape = Some(shape);
         drop(l);
         self.emit(Event::Changed {
             doc: *id,
@@ -743,15 +862,27 @@ impl Repo {
             patches,
         });
         self.emit_conflicts(id, &before, &after);
-        self.emit_status(id);
+        self.emit(Event::Status { doc: *id, status });
         self.maybe_compact(id, &entry);
         Ok(hash.map(|h| h.to_string()))
     }
 
-    fn persist_local(&self, id: &DocId, l: &mut Loaded, changes: &[Change]) -> Result<(), Error> {
+    /// The loaded document's shape, read if it is not known; the caller puts it back.
+    fn take_shape(&self, l: &mut Loaded) -> Shape {
+        match l.shape.take() {
+            Some(s) => s,
+            None => Shape::read(&l.doc, self.schema(), &self.inner.actor, self.author()),
+        }
+    }
+
+    fn persist_local(
+        &self,
+        id: &DocId,
+        l: &mut Loaded,
+        changes: &[Change],
+        mut meta: DocMeta,
+    ) -> Result<(), Error> {
         let bytes: Vec<Vec<u8>> = changes.iter().map(|c| c.raw_bytes().to_vec()).collect();
-        let mut meta = l.meta.clone();
-        refresh_meta(&mut meta, &l.doc, self.schema());
         match self.inner.store.append(id, &mut meta, &bytes, true) {
             Ok(_) => {
                 l.meta = meta;
@@ -972,16 +1103,15 @@ impl Repo {
     /// The sync status of a document.
     pub fn status(&self, id: &DocId) -> Result<DocStatus, Error> {
         let entry = self.entry(id)?;
-        let l = lock(&entry);
-        Ok(self.status_of(id, &l))
+        let mut l = lock(&entry);
+        let shape = self.take_shape(&mut l);
+        let status = self.status_with(id, &l.meta, &shape);
+        l.shape = Some(shape);
+        Ok(status)
     }
 
-    fn status_of(&self, id: &DocId, l: &Loaded) -> DocStatus {
-        let fields: Vec<String> = View::new(&l.doc, self.schema())
-            .conflicts(false)
-            .into_iter()
-            .map(|c| c.field)
-            .collect();
+    fn status_with(&self, id: &DocId, meta: &DocMeta, shape: &Shape) -> DocStatus {
+        let fields = shape.conflicted();
         if !fields.is_empty() {
             return DocStatus::Conflict { fields };
         }
@@ -991,14 +1121,13 @@ impl Repo {
                 total: *total,
             };
         }
-        if l.meta.pending > 0 {
-            let age = l
-                .meta
+        if meta.pending > 0 {
+            let age = meta
                 .oldest_pending_ms
                 .map(|t| (now_ms() - t).max(0) as u64)
                 .unwrap_or(0);
             return DocStatus::Pending {
-                changes: l.meta.pending,
+                changes: meta.pending,
                 oldest_age_ms: age,
             };
         }
@@ -1063,20 +1192,22 @@ impl Repo {
             Ok(e) => e,
             Err(Error::NotFound(_)) => self.cache(
                 *id,
-                Loaded {
-                    doc: Automerge::new().with_actor(self.inner.actor.clone()),
-                    meta: DocMeta {
+                Loaded::new(
+                    Automerge::new().with_actor(self.inner.actor.clone()),
+                    DocMeta {
                         namespace: namespace.to_string(),
                         ..DocMeta::default()
                     },
-                },
+                ),
             ),
             Err(e) => return Err(e),
         };
         let mut l = lock(&entry);
         let schema = self.schema();
         let before_heads = l.doc.get_heads();
-        let before = crdt::conflict_map(&View::new(&l.doc, schema));
+        let shape = self.take_shape(&mut l);
+        let before = shape.conflicts.clone();
+        l.shape = Some(shape);
         let fresh: Vec<Change> = parsed
             .into_iter()
             .filter(|c| l.doc.get_change_by_hash(&c.hash()).is_none())
@@ -1085,6 +1216,8 @@ impl Repo {
             return Ok(Applied::default());
         }
         let offered = fresh.len();
+        // Changes from elsewhere may change anything: the shape is read again after them.
+        l.shape = None;
         let mut log = PatchLog::active();
         let applied = guarded(|| {
             l.doc
@@ -1116,9 +1249,12 @@ impl Repo {
             return Err(e.into());
         }
         l.meta = meta;
-        let after = crdt::conflict_map(&View::new(&l.doc, schema));
+        let shape = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
+        let after = shape.conflicts.clone();
         let now = l.doc.get_heads();
-        let patches = editing::convert(&l.doc, schema, l.doc.make_patches(&mut log)).into();
+        let patches = editing::convert_named(&shape.fields, l.doc.make_patches(&mut log)).into();
+        let status = self.status_with(id, &l.meta, &shape);
+        l.shape = Some(shape);
         drop(l);
         self.emit(Event::Changed {
             doc: *id,
@@ -1127,7 +1263,7 @@ impl Repo {
             patches,
         });
         self.emit_conflicts(id, &before, &after);
-        self.emit_status(id);
+        self.emit(Event::Status { doc: *id, status });
         self.maybe_compact(id, &entry);
         Ok(Applied {
             applied: added.len(),

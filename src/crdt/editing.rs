@@ -15,7 +15,7 @@ use automerge::{
 use serde::{Deserialize, Serialize};
 
 use super::schema::Schema;
-use super::{scalar_to_json, View, DELETED_KEY};
+use super::{scalar_to_json, FieldRef, View, DELETED_KEY};
 
 /// One step of a path inside an entity.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -101,12 +101,16 @@ pub fn convert(
     schema: Option<&Schema>,
     patches: Vec<automerge::Patch>,
 ) -> Vec<Patch> {
-    let names: HashMap<String, String> = View::new(doc, schema)
-        .fields()
-        .into_iter()
-        .map(|f| (f.key, f.name))
+    convert_named(&View::new(doc, schema).fields(), patches)
+}
+
+/// [`convert`] with the document's fields already known.
+pub fn convert_named(fields: &[FieldRef], patches: Vec<automerge::Patch>) -> Vec<Patch> {
+    let names: HashMap<&str, &str> = fields
+        .iter()
+        .map(|f| (f.key.as_str(), f.name.as_str()))
         .collect();
-    let rename = |key: String| names.get(&key).cloned().unwrap_or(key);
+    let rename = |key: String| names.get(key.as_str()).map_or(key, |n| n.to_string());
     let hidden = |key: &str| key.starts_with(super::schema::RESERVED_PREFIX) && key != DELETED_KEY;
     let mut out = Vec::new();
     for p in patches {

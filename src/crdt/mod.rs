@@ -181,6 +181,11 @@ impl<'a, R: ReadDoc> View<'a, R> {
         matches!(self.get(&ROOT, DELETED_KEY), Some((Value::Scalar(s), _)) if matches!(s.as_ref(), ScalarValue::Boolean(true)))
     }
 
+    /// How many of [`View::fields`] come from the schema's type (they come first).
+    pub fn typed_fields(&self) -> usize {
+        self.type_def().map_or(0, |td| td.fields.len())
+    }
+
     fn type_def(&self) -> Option<&'a TypeDef> {
         let ty = self.entity_type()?;
         self.schema?.ty(&ty)
@@ -347,13 +352,18 @@ impl<'a, R: ReadDoc> View<'a, R> {
 impl View<'_, Automerge> {
     /// Fields whose concurrent values differ. Only critical fields unless `any_field`.
     pub fn conflicts(&self, any_field: bool) -> Vec<FieldConflict> {
+        self.conflicts_in(&self.fields(), any_field)
+    }
+
+    /// [`View::conflicts`] over `fields` (this document's, from [`View::fields`]).
+    pub fn conflicts_in(&self, fields: &[FieldRef], any_field: bool) -> Vec<FieldConflict> {
         let mut out = Vec::new();
-        for f in self.fields() {
+        for f in fields {
             let critical = f.strategy == Strategy::Critical;
             if !critical && !any_field {
                 continue;
             }
-            if let Some(c) = self.field_conflict(&f) {
+            if let Some(c) = self.field_conflict(f) {
                 out.push(FieldConflict { critical, ..c });
             }
         }
@@ -493,6 +503,13 @@ pub fn json_to_scalar(field: &str, v: &serde_json::Value) -> Result<ScalarValue,
 pub struct Writer<'t, 'd> {
     pub tx: &'t mut Transaction<'d>,
     pub schema: Option<&'t Schema>,
+    /// The fields of the document's schema type as the transaction started, if the caller
+    /// knows them (each read of a much-edited document walks its history). A name not among
+    /// them is resolved against the document.
+    pub typed: &'t [FieldRef],
+    /// The stored keys of the fields this writer resolved (every write resolves its field
+    /// first), plus `_deleted` if it was written.
+    pub touched: Vec<String>,
 }
 
 fn wrong_kind(f: &FieldRef, hint: &str) -> EntityError {
@@ -504,13 +521,23 @@ fn wrong_kind(f: &FieldRef, hint: &str) -> EntityError {
 }
 
 impl Writer<'_, '_> {
-    fn resolve(&self, name: &str) -> Result<FieldRef, EntityError> {
-        // A transaction reads its own writes: resolve against the document as it stands in it.
-        let view = View::new(&*self.tx, self.schema);
-        if view.entity_type().is_none() {
-            return Err(EntityError::NotAnEntity);
-        }
-        view.field(name)
+    fn resolve(&mut self, name: &str) -> Result<FieldRef, EntityError> {
+        // A field of the schema's type keeps its name, key and strategy through a transaction
+        // (only a migration or a new type changes them).
+        let f = match self.typed.iter().find(|f| f.name == name) {
+            Some(f) => f.clone(),
+            None => {
+                // A transaction reads its own writes: resolve against the document as it
+                // stands in it.
+                let view = View::new(&*self.tx, self.schema);
+                if view.entity_type().is_none() {
+                    return Err(EntityError::NotAnEntity);
+                }
+                view.field(name)?
+            }
+        };
+        self.touched.push(f.key.clone());
+        Ok(f)
     }
 
     /// The object of a container field, created if the document lacks it (a document made
@@ -700,6 +727,7 @@ impl Writer<'_, '_> {
 
     /// Mark the entity deleted (or not). A tombstone that syncs like any edit.
     pub fn set_deleted(&mut self, deleted: bool) -> Result<(), EntityError> {
+        self.touched.push(DELETED_KEY.to_string());
         self.tx.put(ROOT, DELETED_KEY, deleted)?;
         Ok(())
     }
@@ -763,7 +791,12 @@ pub fn init_entity(
             }
         }
     }
-    let mut w = Writer { tx, schema };
+    let mut w = Writer {
+        tx,
+        schema,
+        typed: &[],
+        touched: Vec::new(),
+    };
     for (name, value) in fields {
         // A counter's initial value is an increment from zero; anywhere else a counter refuses
         // plain values.

@@ -82,8 +82,27 @@ fn two_stores_merge_notes_and_settle_a_critical_conflict() {
         .any(|e| matches!(e, Event::ConflictOpened { ref field, .. } if field == "title"));
     assert!(saw_conflict, "bob's app heard of the conflict");
 
-    // Bob decides; after an exchange both show the chosen value and no conflict.
+    // Bob decides; his app hears the conflict close at once, and after an exchange both show
+    // the chosen value and no conflict.
     b.resolve(&id, "title", json!("Shopping (Sat)")).unwrap();
+    let heard: Vec<Event> = std::iter::from_fn(|| events_b.try_recv().ok()).collect();
+    assert!(
+        heard
+            .iter()
+            .any(|e| matches!(e, Event::ConflictResolved { field, .. } if field == "title")),
+        "{heard:?}"
+    );
+    assert!(
+        heard.iter().any(|e| matches!(
+            e,
+            Event::Status {
+                status: DocStatus::Pending { .. },
+                ..
+            }
+        )),
+        "{heard:?}"
+    );
+    assert!(matches!(b.status(&id).unwrap(), DocStatus::Pending { .. }));
     exchange(&a, &b, &id);
     for r in [&a, &b] {
         let e = r.get(&id).unwrap();
