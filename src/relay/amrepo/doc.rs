@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, BloomFilter, Capability, Have, MessageVersion, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use crate::crdt::parse_change;
 
@@ -27,6 +27,8 @@ const MAX_BLOOM_PARAM: u64 = 64;
 #[derive(Debug)]
 pub struct CheckedSync {
     msg: sync::Message,
+    /// Each change's hash and dependencies, in message order (known from the checks).
+    graph: Vec<(ChangeHash, Vec<ChangeHash>)>,
     /// Whether it carries changes (a write).
     pub has_changes: bool,
 }
@@ -45,11 +47,17 @@ pub fn check_sync_message(data: &[u8]) -> Result<CheckedSync, String> {
     for have in &msg.have {
         check_bloom(&have.bloom.to_bytes())?;
     }
+    let mut graph = Vec::with_capacity(msg.changes.len());
     for (i, chunk) in msg.changes.iter().enumerate() {
-        parse_change(chunk).map_err(|e| format!("change {i} of the sync message: {e}"))?;
+        let c = parse_change(chunk).map_err(|e| format!("change {i} of the sync message: {e}"))?;
+        graph.push((c.hash(), c.deps().to_vec()));
     }
     let has_changes = !msg.changes.is_empty();
-    Ok(CheckedSync { msg, has_changes })
+    Ok(CheckedSync {
+        msg,
+        graph,
+        has_changes,
+    })
 }
 
 impl CheckedSync {
@@ -95,8 +103,11 @@ impl LoggedChanges {
             deps.extend(change.deps().iter().copied());
         }
         // Automerge's heads: the changes nothing depends on, sorted.
-        let mut heads: Vec<ChangeHash> =
-            hashes.iter().filter(|h| !deps.contains(h)).copied().collect();
+        let mut heads: Vec<ChangeHash> = hashes
+            .iter()
+            .filter(|h| !deps.contains(h))
+            .copied()
+            .collect();
         heads.sort_unstable();
         heads.dedup();
         Ok(LoggedChanges {
@@ -143,10 +154,21 @@ fn check_bloom(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A change a peer sent that the document did not have yet.
+struct Received {
+    hash: ChangeHash,
+    deps: Vec<ChangeHash>,
+    bytes: Vec<u8>,
+}
+
 /// One document and its peers' sync states. `P` identifies a peer (the shell's connection id).
 pub struct DocSync<P> {
     doc: Automerge,
     peers: BTreeMap<P, sync::State>,
+    /// Changes peers sent that the document lacked, until they are taken as new
+    /// ([`take_new_changes`](Self::take_new_changes)) once applied; those whose dependencies
+    /// have not arrived wait here as they wait in Automerge's queue, and go with the document.
+    received: Vec<Received>,
 }
 
 impl<P: Ord + Copy> Default for DocSync<P> {
@@ -154,6 +176,7 @@ impl<P: Ord + Copy> Default for DocSync<P> {
         DocSync {
             doc: Automerge::new(),
             peers: BTreeMap::new(),
+            received: Vec::new(),
         }
     }
 }
@@ -193,9 +216,19 @@ impl<P: Ord + Copy> DocSync<P> {
 
     /// A checked sync message from `peer`; `write` false drops its changes (a read-only token).
     pub fn receive(&mut self, peer: P, msg: CheckedSync, write: bool) -> Result<(), String> {
-        let mut msg = msg.msg;
+        let CheckedSync { mut msg, graph, .. } = msg;
         if !write {
             msg.changes = Vec::<Vec<u8>>::new().into();
+        } else {
+            for ((hash, deps), bytes) in graph.into_iter().zip(msg.changes.iter()) {
+                if !self.has_change(&hash) && !self.received.iter().any(|r| r.hash == hash) {
+                    self.received.push(Received {
+                        hash,
+                        deps,
+                        bytes: bytes.to_vec(),
+                    });
+                }
+            }
         }
         let state = self.peers.entry(peer).or_default();
         let doc = &mut self.doc;
@@ -221,9 +254,11 @@ impl<P: Ord + Copy> DocSync<P> {
         // With no heads and no changes, receiving reads nothing of the document: the state
         // comes out the same whatever copy receives it (it forgets what was sent before).
         let doc = &mut self.doc;
-        catch_unwind(AssertUnwindSafe(|| doc.receive_sync_message(state, msg.msg)))
-            .map_err(|_| "automerge panicked on the sync message".to_string())?
-            .map_err(|e| e.to_string())?;
+        catch_unwind(AssertUnwindSafe(|| {
+            doc.receive_sync_message(state, msg.msg)
+        }))
+        .map_err(|_| "automerge panicked on the sync message".to_string())?
+        .map_err(|e| e.to_string())?;
         // What `generate_sync_message` does for this state (their heads `[]`, their need `[]`,
         // shared heads `[]`, nothing sent).
         let v2 = state
@@ -257,6 +292,69 @@ impl<P: Ord + Copy> DocSync<P> {
             version,
         };
         Ok(reply.encode())
+    }
+
+    fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc
+            .get_missing_deps(std::slice::from_ref(hash))
+            .is_empty()
+    }
+
+    /// The changes peers sent that the document applied since `before` (its heads then), in
+    /// causal order, as the peers sent them: what [`changes_since`](Self::changes_since)
+    /// returns, without Automerge encoding every change again.
+    pub fn take_new_changes(&mut self, before: &[ChangeHash]) -> Vec<Vec<u8>> {
+        let (applied, waiting): (Vec<Received>, Vec<Received>) = std::mem::take(&mut self.received)
+            .into_iter()
+            .partition(|r| self.has_change(&r.hash));
+        self.received = waiting;
+        let index: std::collections::HashMap<ChangeHash, usize> = applied
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.hash, i))
+            .collect();
+        // Every head is an old one or one of these, else something else changed the document
+        // (never expected): ask Automerge.
+        if !self
+            .doc
+            .get_heads()
+            .iter()
+            .all(|h| before.contains(h) || index.contains_key(h))
+        {
+            tracing::warn!("document heads not accounted for by the changes received");
+            return self.changes_since(before);
+        }
+        // Causal order: depth first, each change after the ones it depends on (iterative, so a
+        // long chain cannot exhaust the stack).
+        let mut done = vec![false; applied.len()];
+        let mut order = Vec::with_capacity(applied.len());
+        for start in 0..applied.len() {
+            let mut stack = vec![(start, 0usize)];
+            while let Some((i, next)) = stack.pop() {
+                if done[i] {
+                    continue;
+                }
+                let dep = applied[i].deps[next..]
+                    .iter()
+                    .enumerate()
+                    .find_map(|(k, d)| index.get(d).filter(|&&j| !done[j]).map(|&j| (k, j)));
+                match dep {
+                    Some((k, j)) => {
+                        stack.push((i, next + k + 1));
+                        stack.push((j, 0));
+                    }
+                    None => {
+                        done[i] = true;
+                        order.push(i);
+                    }
+                }
+            }
+        }
+        let mut applied: Vec<Option<Received>> = applied.into_iter().map(Some).collect();
+        order
+            .into_iter()
+            .filter_map(|i| applied[i].take().map(|r| r.bytes))
+            .collect()
     }
 
     /// The changes made since `heads` (an earlier [`heads`](Self::heads)), in causal order.
@@ -294,11 +392,12 @@ impl<P: Ord + Copy> DocSync<P> {
     /// the copy is rebuilt from the log, which holds everything it had.
     pub fn unload(&mut self) {
         self.doc = Automerge::new();
+        self.received.clear();
     }
 
     /// Replace the document (keeping the peers, whose states start over).
     pub fn reload(&mut self) {
-        self.doc = Automerge::new();
+        self.unload();
         self.reset_peers();
     }
 
@@ -509,6 +608,51 @@ mod tests {
         }
         assert!(LoggedChanges::new(vec![]).is_err());
         assert!(LoggedChanges::new(vec![b"junk".to_vec()]).is_err());
+    }
+
+    #[test]
+    fn new_changes_are_the_ones_peers_sent_in_causal_order() {
+        // Three changes in a chain.
+        let mut doc = Automerge::new();
+        for v in ["one", "two", "three"] {
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, "title", v).unwrap();
+            tx.commit();
+        }
+        let c: Vec<Vec<u8>> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let msg = |chunks: &[&Vec<u8>]| {
+            let m = sync::Message {
+                heads: doc.get_heads(),
+                need: vec![],
+                have: vec![],
+                changes: chunks.iter().map(|c| c.to_vec()).collect::<Vec<_>>().into(),
+                flags: None,
+                version: MessageVersion::V1,
+            };
+            check_sync_message(&m.encode()).unwrap()
+        };
+        let mut relay: DocSync<u8> = DocSync::default();
+        let before = relay.heads();
+        relay.receive(1, msg(&[&c[0]]), true).unwrap();
+        assert_eq!(relay.take_new_changes(&before), vec![c[0].clone()]);
+        // The third before the second: it waits for it, then both are new, in causal order.
+        let before = relay.heads();
+        relay.receive(1, msg(&[&c[2]]), true).unwrap();
+        assert!(relay.take_new_changes(&before).is_empty(), "still waiting");
+        relay.receive(1, msg(&[&c[1]]), true).unwrap();
+        assert_eq!(
+            relay.take_new_changes(&before),
+            vec![c[1].clone(), c[2].clone()]
+        );
+        assert_eq!(relay.heads(), doc.get_heads());
+        // Nothing twice.
+        let before = relay.heads();
+        relay.receive(2, msg(&[&c[2], &c[1], &c[0]]), true).unwrap();
+        assert!(relay.take_new_changes(&before).is_empty());
     }
 
     #[test]

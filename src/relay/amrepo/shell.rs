@@ -561,7 +561,7 @@ impl DocActor {
                 ));
             }
         }
-        let new = self.sync.changes_since(&before);
+        let new = self.sync.take_new_changes(&before);
         if !new.is_empty() {
             let ns = self
                 .namespace
@@ -611,11 +611,12 @@ impl DocActor {
         // One page as large as the ordinary load's: a document that does not fit is loaded.
         let logged = match self.relay.log.pull(&self.id, 0, self.relay.cfg.page_bytes) {
             // Unknown documents (empty namespace) go the ordinary way, which says so.
-            Ok(p) if !p.namespace.is_empty()
-                && p.snapshot.is_none()
-                && !p.more
-                && p.from == 1
-                && (1..=max).contains(&p.changes.len()) =>
+            Ok(p)
+                if !p.namespace.is_empty()
+                    && p.snapshot.is_none()
+                    && !p.more
+                    && p.from == 1
+                    && (1..=max).contains(&p.changes.len()) =>
             {
                 match LoggedChanges::new(p.changes) {
                     Ok(l) => (p.namespace, l),
@@ -1108,7 +1109,11 @@ mod tests {
                 break;
             }
         }
-        assert_eq!(state.shared_heads, client.get_heads(), "the relay has the edit");
+        assert_eq!(
+            state.shared_heads,
+            client.get_heads(),
+            "the relay has the edit"
+        );
         assert_eq!(relay.stats.docs_loaded.load(Ordering::SeqCst), 1);
         assert_eq!(relay.stats.changes_stored.load(Ordering::SeqCst), 1);
     }
