@@ -104,6 +104,9 @@ pub struct AmStats {
 /// Most storage ids one peer may subscribe to.
 const MAX_SUBSCRIPTIONS: usize = 1024;
 
+/// Most frames written to a connection's socket per flush.
+const WRITE_BATCH: usize = 64;
+
 /// How a peer is reached.
 #[derive(Clone)]
 struct PeerOut {
@@ -840,8 +843,19 @@ pub async fn serve(
     ctx.out
         .send(wire::peer(&relay.peer_id, &peer_id, &relay.storage_id));
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.send(frame).await.is_err() {
+        // Frames queued together go out with one flush (one write to the socket instead of
+        // one per frame: a find of thousands of documents queues replies in bursts).
+        'frames: while let Some(frame) = rx.recv().await {
+            if sink.feed(frame).await.is_err() {
+                break;
+            }
+            for _ in 1..WRITE_BATCH {
+                let Ok(frame) = rx.try_recv() else { break };
+                if sink.feed(frame).await.is_err() {
+                    break 'frames;
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
