@@ -12,8 +12,8 @@
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
-use automerge::sync::{self, SyncDoc};
-use automerge::{Automerge, ChangeHash};
+use automerge::sync::{self, BloomFilter, Capability, Have, MessageVersion, SyncDoc};
+use automerge::{Automerge, ChangeHash, ReadDoc};
 
 use crate::crdt::parse_change;
 
@@ -27,6 +27,8 @@ const MAX_BLOOM_PARAM: u64 = 64;
 #[derive(Debug)]
 pub struct CheckedSync {
     msg: sync::Message,
+    /// Each change's hash and dependencies, in message order (known from the checks).
+    graph: Vec<(ChangeHash, Vec<ChangeHash>)>,
     /// Whether it carries changes (a write).
     pub has_changes: bool,
 }
@@ -45,11 +47,80 @@ pub fn check_sync_message(data: &[u8]) -> Result<CheckedSync, String> {
     for have in &msg.have {
         check_bloom(&have.bloom.to_bytes())?;
     }
+    let mut graph = Vec::with_capacity(msg.changes.len());
     for (i, chunk) in msg.changes.iter().enumerate() {
-        parse_change(chunk).map_err(|e| format!("change {i} of the sync message: {e}"))?;
+        let c = parse_change(chunk).map_err(|e| format!("change {i} of the sync message: {e}"))?;
+        graph.push((c.hash(), c.deps().to_vec()));
     }
     let has_changes = !msg.changes.is_empty();
-    Ok(CheckedSync { msg, has_changes })
+    Ok(CheckedSync {
+        msg,
+        graph,
+        has_changes,
+    })
+}
+
+impl CheckedSync {
+    /// Whether the sender has nothing of the document: no heads, needs nothing, sends nothing,
+    /// and says it has nothing (no "have", or haves with no last sync and an empty bloom
+    /// filter) — automerge-repo's `request`, or the first message of an empty document. Such a
+    /// message reads nothing of the relay's copy, so [`DocSync::answer_empty_peer`] can answer
+    /// it from the log without loading the document.
+    pub fn from_empty_peer(&self) -> bool {
+        let m = &self.msg;
+        m.heads.is_empty()
+            && m.need.is_empty()
+            && m.changes.is_empty()
+            && m.have
+                .iter()
+                .all(|h| h.last_sync.is_empty() && h.bloom.to_bytes().is_empty())
+    }
+}
+
+/// A document as the log holds it when it was never compacted: its raw changes in log
+/// (causal) order, with their hashes and the heads they make, read without building an
+/// Automerge document.
+#[derive(Debug)]
+pub struct LoggedChanges {
+    changes: Vec<Vec<u8>>,
+    hashes: Vec<ChangeHash>,
+    heads: Vec<ChangeHash>,
+}
+
+impl LoggedChanges {
+    /// Parse the changes (the log's own bytes, validated when they were logged; parsed under
+    /// `catch_unwind` all the same). At least one change: an empty log has nothing to answer
+    /// with.
+    pub fn new(changes: Vec<Vec<u8>>) -> Result<LoggedChanges, String> {
+        if changes.is_empty() {
+            return Err("no changes".into());
+        }
+        let mut hashes = Vec::with_capacity(changes.len());
+        let mut deps = std::collections::HashSet::new();
+        for c in &changes {
+            let change = parse_change(c)?;
+            hashes.push(change.hash());
+            deps.extend(change.deps().iter().copied());
+        }
+        // Automerge's heads: the changes nothing depends on, sorted.
+        let mut heads: Vec<ChangeHash> = hashes
+            .iter()
+            .filter(|h| !deps.contains(h))
+            .copied()
+            .collect();
+        heads.sort_unstable();
+        heads.dedup();
+        Ok(LoggedChanges {
+            changes,
+            hashes,
+            heads,
+        })
+    }
+
+    /// The heads these changes make.
+    pub fn heads(&self) -> &[ChangeHash] {
+        &self.heads
+    }
 }
 
 fn leb128(bytes: &mut &[u8]) -> Option<u64> {
@@ -83,10 +154,21 @@ fn check_bloom(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
+/// A change a peer sent that the document did not have yet.
+struct Received {
+    hash: ChangeHash,
+    deps: Vec<ChangeHash>,
+    bytes: Vec<u8>,
+}
+
 /// One document and its peers' sync states. `P` identifies a peer (the shell's connection id).
 pub struct DocSync<P> {
     doc: Automerge,
     peers: BTreeMap<P, sync::State>,
+    /// Changes peers sent that the document lacked, until they are taken as new
+    /// ([`take_new_changes`](Self::take_new_changes)) once applied; those whose dependencies
+    /// have not arrived wait here as they wait in Automerge's queue, and go with the document.
+    received: Vec<Received>,
 }
 
 impl<P: Ord + Copy> Default for DocSync<P> {
@@ -94,6 +176,7 @@ impl<P: Ord + Copy> Default for DocSync<P> {
         DocSync {
             doc: Automerge::new(),
             peers: BTreeMap::new(),
+            received: Vec::new(),
         }
     }
 }
@@ -133,15 +216,145 @@ impl<P: Ord + Copy> DocSync<P> {
 
     /// A checked sync message from `peer`; `write` false drops its changes (a read-only token).
     pub fn receive(&mut self, peer: P, msg: CheckedSync, write: bool) -> Result<(), String> {
-        let mut msg = msg.msg;
+        let CheckedSync { mut msg, graph, .. } = msg;
         if !write {
             msg.changes = Vec::<Vec<u8>>::new().into();
+        } else {
+            for ((hash, deps), bytes) in graph.into_iter().zip(msg.changes.iter()) {
+                if !self.has_change(&hash) && !self.received.iter().any(|r| r.hash == hash) {
+                    self.received.push(Received {
+                        hash,
+                        deps,
+                        bytes: bytes.to_vec(),
+                    });
+                }
+            }
         }
         let state = self.peers.entry(peer).or_default();
         let doc = &mut self.doc;
         catch_unwind(AssertUnwindSafe(|| doc.receive_sync_message(state, msg)))
             .map_err(|_| "automerge panicked on the sync message".to_string())?
             .map_err(|e| e.to_string())
+    }
+
+    /// Answer a message [from an empty peer](CheckedSync::from_empty_peer) with the document as
+    /// `logged` (everything the log holds of it), without the document in memory: the peer's
+    /// sync state and the reply are the ones Automerge makes (heads, a bloom filter of every
+    /// change, no need), except that a peer that takes version 2 messages gets the changes
+    /// as stored, one after the other, where Automerge would send a saved document (both load
+    /// the same way). The document stays as it is (typically unloaded).
+    pub fn answer_empty_peer(
+        &mut self,
+        peer: P,
+        msg: CheckedSync,
+        logged: &LoggedChanges,
+    ) -> Result<Vec<u8>, String> {
+        debug_assert!(msg.from_empty_peer());
+        let state = self.peers.entry(peer).or_default();
+        // With no heads and no changes, receiving reads nothing of the document: the state
+        // comes out the same whatever copy receives it (it forgets what was sent before).
+        let doc = &mut self.doc;
+        catch_unwind(AssertUnwindSafe(|| {
+            doc.receive_sync_message(state, msg.msg)
+        }))
+        .map_err(|_| "automerge panicked on the sync message".to_string())?
+        .map_err(|e| e.to_string())?;
+        // What `generate_sync_message` does for this state (their heads `[]`, their need `[]`,
+        // shared heads `[]`, nothing sent).
+        let v2 = state
+            .their_capabilities
+            .as_ref()
+            .is_some_and(|c| c.contains(&Capability::MessageV2));
+        let send_all = !state.is_peer_read_only()
+            && (v2 || state.their_have.as_ref().is_some_and(|h| !h.is_empty()));
+        let (changes, version) = match (send_all, v2) {
+            (false, false) => (Vec::new(), MessageVersion::V1),
+            (false, true) => (Vec::new(), MessageVersion::V2),
+            (true, false) => (logged.changes.clone(), MessageVersion::V1),
+            (true, true) => (vec![logged.changes.concat()], MessageVersion::V2),
+        };
+        if send_all {
+            state.sent_hashes.extend(logged.hashes.iter().copied());
+        }
+        state.have_responded = true;
+        state.last_sent_heads = logged.heads.clone();
+        state.in_flight = true;
+        let reply = sync::Message {
+            heads: logged.heads.clone(),
+            need: Vec::new(),
+            have: vec![Have {
+                last_sync: Vec::new(),
+                bloom: BloomFilter::from_hashes(logged.hashes.iter()),
+            }],
+            changes: changes.into(),
+            // As in `outgoing`: no capability flags.
+            flags: None,
+            version,
+        };
+        Ok(reply.encode())
+    }
+
+    fn has_change(&self, hash: &ChangeHash) -> bool {
+        self.doc
+            .get_missing_deps(std::slice::from_ref(hash))
+            .is_empty()
+    }
+
+    /// The changes peers sent that the document applied since `before` (its heads then), in
+    /// causal order, as the peers sent them: what [`changes_since`](Self::changes_since)
+    /// returns, without Automerge encoding every change again.
+    pub fn take_new_changes(&mut self, before: &[ChangeHash]) -> Vec<Vec<u8>> {
+        let (applied, waiting): (Vec<Received>, Vec<Received>) = std::mem::take(&mut self.received)
+            .into_iter()
+            .partition(|r| self.has_change(&r.hash));
+        self.received = waiting;
+        let index: std::collections::HashMap<ChangeHash, usize> = applied
+            .iter()
+            .enumerate()
+            .map(|(i, r)| (r.hash, i))
+            .collect();
+        // Every head is an old one or one of these, else something else changed the document
+        // (never expected): ask Automerge.
+        if !self
+            .doc
+            .get_heads()
+            .iter()
+            .all(|h| before.contains(h) || index.contains_key(h))
+        {
+            tracing::warn!("document heads not accounted for by the changes received");
+            return self.changes_since(before);
+        }
+        // Causal order: depth first, each change after the ones it depends on (iterative, so a
+        // long chain cannot exhaust the stack).
+        let mut done = vec![false; applied.len()];
+        let mut order = Vec::with_capacity(applied.len());
+        for start in 0..applied.len() {
+            let mut stack = vec![(start, 0usize)];
+            while let Some((i, next)) = stack.pop() {
+                if done[i] {
+                    continue;
+                }
+                let dep = applied[i].deps[next..]
+                    .iter()
+                    .enumerate()
+                    .find_map(|(k, d)| index.get(d).filter(|&&j| !done[j]).map(|&j| (k, j)));
+                match dep {
+                    Some((k, j)) => {
+                        stack.push((i, next + k + 1));
+                        stack.push((j, 0));
+                    }
+                    None => {
+                        done[i] = true;
+                        order.push(i);
+                    }
+                }
+            }
+        }
+        let mut applied: Vec<Option<Received>> = applied.into_iter().map(Some).collect();
+        order
+            .into_iter()
+            .filter_map(|i| applied[i].take().map(|r| r.bytes))
+            .collect()
     }
 
     /// The changes made since `heads` (an earlier [`heads`](Self::heads)), in causal order.
@@ -179,11 +392,12 @@ impl<P: Ord + Copy> DocSync<P> {
     /// the copy is rebuilt from the log, which holds everything it had.
     pub fn unload(&mut self) {
         self.doc = Automerge::new();
+        self.received.clear();
     }
 
     /// Replace the document (keeping the peers, whose states start over).
     pub fn reload(&mut self) {
-        self.doc = Automerge::new();
+        self.unload();
         self.reset_peers();
     }
 
@@ -255,6 +469,190 @@ mod tests {
         let mut other = Automerge::new();
         converge(&mut other, &mut relay, 2);
         assert_eq!(other.get_heads(), client.get_heads());
+    }
+
+    /// A document with concurrent heads, and its changes in log (causal) order.
+    fn two_writers() -> (Automerge, Vec<Vec<u8>>) {
+        let mut a = Automerge::new();
+        let mut tx = a.transaction();
+        tx.put(automerge::ROOT, "title", "hello").unwrap();
+        tx.commit();
+        let mut b = a.fork();
+        let mut tx = b.transaction();
+        tx.put(automerge::ROOT, "title", "from b").unwrap();
+        tx.commit();
+        let mut tx = a.transaction();
+        tx.put(automerge::ROOT, "body", "from a").unwrap();
+        tx.commit();
+        a.merge(&mut b).unwrap();
+        let changes = a
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        (a, changes)
+    }
+
+    /// What an empty peer may send first: automerge-repo's `request` as the JavaScript
+    /// package encodes it (flags: version 2, sync reset), this crate's own, one without flags,
+    /// and one with no "have" at all.
+    fn empty_peer_messages() -> Vec<Vec<u8>> {
+        let js_request = hex::decode("42000001000000020284").unwrap();
+        let ours = Automerge::new()
+            .generate_sync_message(&mut sync::State::new())
+            .unwrap()
+            .encode();
+        let bare = |have: Vec<Have>| {
+            sync::Message {
+                heads: vec![],
+                need: vec![],
+                have,
+                changes: Vec::<Vec<u8>>::new().into(),
+                flags: None,
+                version: MessageVersion::V1,
+            }
+            .encode()
+        };
+        vec![js_request, ours, bare(vec![Have::default()]), bare(vec![])]
+    }
+
+    #[test]
+    fn an_empty_peer_is_answered_from_the_log_as_automerge_would() {
+        let (doc, changes) = two_writers();
+        assert_eq!(doc.get_heads().len(), 2, "concurrent heads");
+        let logged = LoggedChanges::new(changes.clone()).unwrap();
+        assert_eq!(logged.heads(), doc.get_heads());
+        for first in empty_peer_messages() {
+            let checked = check_sync_message(&first).unwrap();
+            assert!(checked.from_empty_peer());
+            // Automerge with the document loaded.
+            let mut loaded: DocSync<u8> = DocSync::default();
+            loaded.apply_log(None, &changes).unwrap();
+            loaded.receive(1, checked, true).unwrap();
+            let (_, theirs) = loaded.outgoing().pop().unwrap();
+            // From the log, with nothing loaded.
+            let mut unloaded: DocSync<u8> = DocSync::default();
+            let ours = unloaded
+                .answer_empty_peer(1, check_sync_message(&first).unwrap(), &logged)
+                .unwrap();
+            assert!(unloaded.is_empty(), "nothing was loaded");
+            assert_eq!(unloaded.peers[&1], loaded.peers[&1], "the same sync state");
+            let (ours, theirs) = (
+                sync::Message::decode(&ours).unwrap(),
+                sync::Message::decode(&theirs).unwrap(),
+            );
+            assert_eq!(ours.heads, theirs.heads);
+            assert_eq!(ours.need, theirs.need);
+            assert_eq!(ours.have, theirs.have);
+            assert_eq!(ours.version, theirs.version);
+            assert_eq!(ours.flags, theirs.flags);
+            assert_eq!(ours.changes.is_empty(), theirs.changes.is_empty());
+            // Either reply gives the peer the same document.
+            let load = |m: &sync::Message| {
+                let mut d = Automerge::new();
+                for c in m.changes.iter() {
+                    d.load_incremental(c).unwrap();
+                }
+                d.get_heads()
+            };
+            assert_eq!(load(&ours), load(&theirs));
+
+            // The conversation goes on with the document loaded, from the state the answer
+            // left, until both sides agree.
+            let mut client = Automerge::new();
+            let mut state = sync::State::new();
+            client.receive_sync_message(&mut state, ours).unwrap();
+            unloaded.apply_log(None, &changes).unwrap();
+            for _ in 0..10 {
+                let Some(m) = client.generate_sync_message(&mut state) else {
+                    break;
+                };
+                let mut m = m;
+                // The client speaks version 1 to the relay, which never advertises version 2.
+                m.version = MessageVersion::V1;
+                unloaded
+                    .receive(1, check_sync_message(&m.encode()).unwrap(), true)
+                    .unwrap();
+                for (_, bytes) in unloaded.outgoing() {
+                    let m = sync::Message::decode(&bytes).unwrap();
+                    client.receive_sync_message(&mut state, m).unwrap();
+                }
+            }
+            assert_eq!(client.get_heads(), doc.get_heads());
+        }
+    }
+
+    #[test]
+    fn only_a_peer_with_nothing_is_answered_from_the_log() {
+        let (doc, _) = two_writers();
+        // A peer that has the document.
+        let m = doc.generate_sync_message(&mut sync::State::new()).unwrap();
+        assert!(!check_sync_message(&m.encode()).unwrap().from_empty_peer());
+        // One that claims to have changes (a bloom filter with entries), or needs some.
+        let claims = sync::Message {
+            heads: vec![],
+            need: vec![],
+            have: vec![Have {
+                last_sync: vec![],
+                bloom: BloomFilter::from_hashes(doc.get_heads().iter()),
+            }],
+            changes: Vec::<Vec<u8>>::new().into(),
+            flags: None,
+            version: MessageVersion::V1,
+        };
+        let mut needs = claims.clone();
+        needs.have = vec![];
+        needs.need = doc.get_heads();
+        for m in [claims, needs] {
+            assert!(!check_sync_message(&m.encode()).unwrap().from_empty_peer());
+        }
+        assert!(LoggedChanges::new(vec![]).is_err());
+        assert!(LoggedChanges::new(vec![b"junk".to_vec()]).is_err());
+    }
+
+    #[test]
+    fn new_changes_are_the_ones_peers_sent_in_causal_order() {
+        // Three changes in a chain.
+        let mut doc = Automerge::new();
+        for v in ["one", "two", "three"] {
+            let mut tx = doc.transaction();
+            tx.put(automerge::ROOT, "title", v).unwrap();
+            tx.commit();
+        }
+        let c: Vec<Vec<u8>> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let msg = |chunks: &[&Vec<u8>]| {
+            let m = sync::Message {
+                heads: doc.get_heads(),
+                need: vec![],
+                have: vec![],
+                changes: chunks.iter().map(|c| c.to_vec()).collect::<Vec<_>>().into(),
+                flags: None,
+                version: MessageVersion::V1,
+            };
+            check_sync_message(&m.encode()).unwrap()
+        };
+        let mut relay: DocSync<u8> = DocSync::default();
+        let before = relay.heads();
+        relay.receive(1, msg(&[&c[0]]), true).unwrap();
+        assert_eq!(relay.take_new_changes(&before), vec![c[0].clone()]);
+        // The third before the second: it waits for it, then both are new, in causal order.
+        let before = relay.heads();
+        relay.receive(1, msg(&[&c[2]]), true).unwrap();
+        assert!(relay.take_new_changes(&before).is_empty(), "still waiting");
+        relay.receive(1, msg(&[&c[1]]), true).unwrap();
+        assert_eq!(
+            relay.take_new_changes(&before),
+            vec![c[1].clone(), c[2].clone()]
+        );
+        assert_eq!(relay.heads(), doc.get_heads());
+        // Nothing twice.
+        let before = relay.heads();
+        relay.receive(2, msg(&[&c[2], &c[1], &c[0]]), true).unwrap();
+        assert!(relay.take_new_changes(&before).is_empty());
     }
 
     #[test]

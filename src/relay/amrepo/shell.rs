@@ -21,7 +21,7 @@ use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use super::cbor::{DecodeLimits, Value};
-use super::doc::{check_sync_message, CheckedSync, DocSync};
+use super::doc::{check_sync_message, CheckedSync, DocSync, LoggedChanges};
 use super::wire::{self, AmMsg, WireError, PROTOCOL_VERSION};
 use crate::ids::DocId;
 use crate::relay::auth::{AuthError, Claims};
@@ -61,6 +61,11 @@ pub struct AmConfig {
     /// blocking pool. Each holds a thread; without a bound, thousands of documents busy at once
     /// grew the pool to ~200 threads and the RSS with them.
     pub rounds: usize,
+    /// A peer that has nothing of a document not in memory (automerge-repo's `request`) is
+    /// answered straight from the log, without loading the document, when the log holds it
+    /// as at most this many raw changes (never compacted). Larger documents are loaded: a
+    /// peer that takes version 2 messages then gets a compact saved document instead.
+    pub answer_from_log_changes: usize,
 }
 
 impl Default for AmConfig {
@@ -79,6 +84,7 @@ impl Default for AmConfig {
             unload_max: Duration::from_secs(60),
             page_bytes: 4 << 20,
             rounds: 32,
+            answer_from_log_changes: 64,
         }
     }
 }
@@ -97,6 +103,9 @@ pub struct AmStats {
 
 /// Most storage ids one peer may subscribe to.
 const MAX_SUBSCRIPTIONS: usize = 1024;
+
+/// Most frames written to a connection's socket per flush.
+const WRITE_BATCH: usize = 64;
 
 /// How a peer is reached.
 #[derive(Clone)]
@@ -457,6 +466,14 @@ impl DocActor {
     }
 
     fn round(&mut self, batch: Vec<DocInput>, catch_up: bool) {
+        let batch = if catch_up && !self.loaded {
+            match self.answer_from_log(batch) {
+                Ok(()) => return,
+                Err(batch) => batch,
+            }
+        } else {
+            batch
+        };
         if catch_up {
             if let Err(e) = self.catch_up() {
                 tracing::error!(doc = %self.id, error = %e, "could not load a document for automerge-repo peers");
@@ -547,7 +564,7 @@ impl DocActor {
                 ));
             }
         }
-        let new = self.sync.changes_since(&before);
+        let new = self.sync.take_new_changes(&before);
         if !new.is_empty() {
             let ns = self
                 .namespace
@@ -582,6 +599,81 @@ impl DocActor {
                 ));
             }
         }
+    }
+
+    /// Answer peers that have nothing of the document from the log, leaving it unloaded (the
+    /// find of a document nobody has open: no Automerge document is built). Only when every
+    /// input of the round is such a message and the log holds the document as a few raw
+    /// changes; otherwise the batch comes back for the ordinary round.
+    fn answer_from_log(&mut self, batch: Vec<DocInput>) -> Result<(), Vec<DocInput>> {
+        let fresh = |i: &DocInput| matches!(i, DocInput::Sync { msg, .. } if msg.from_empty_peer());
+        if batch.is_empty() || !batch.iter().all(fresh) {
+            return Err(batch);
+        }
+        let max = self.relay.cfg.answer_from_log_changes;
+        // One page as large as the ordinary load's: a document that does not fit is loaded.
+        let logged = match self.relay.log.pull(&self.id, 0, self.relay.cfg.page_bytes) {
+            // Unknown documents (empty namespace) go the ordinary way, which says so.
+            Ok(p)
+                if !p.namespace.is_empty()
+                    && p.snapshot.is_none()
+                    && !p.more
+                    && p.from == 1
+                    && (1..=max).contains(&p.changes.len()) =>
+            {
+                match LoggedChanges::new(p.changes) {
+                    Ok(l) => (p.namespace, l),
+                    Err(_) => return Err(batch),
+                }
+            }
+            _ => return Err(batch),
+        };
+        let (ns, logged) = logged;
+        self.namespace = Some(ns.clone());
+        let mut moved: Vec<(String, u64)> = Vec::new();
+        let mut replies: Vec<(u64, Vec<u8>)> = Vec::new();
+        for input in batch {
+            let DocInput::Sync { peer, msg, .. } = input else {
+                continue;
+            };
+            if !peer.can_read(&ns) {
+                self.error_to(&peer, &format!("this token cannot read namespace '{ns}'"));
+                peer.out.send(wire::doc_unavailable(
+                    &self.relay.peer_id,
+                    &peer.out.peer_id,
+                    &self.id,
+                ));
+                continue;
+            }
+            let conn = peer.conn;
+            self.peers.insert(conn, peer.clone());
+            let their_before = self.sync.their_heads(conn).map(<[_]>::to_vec);
+            match self.sync.answer_empty_peer(conn, msg, &logged) {
+                Ok(reply) => replies.push((conn, reply)),
+                Err(e) => {
+                    self.error_to(&peer, &format!("sync message refused: {e}"));
+                    continue;
+                }
+            }
+            if let Some(sid) = &peer.storage_id {
+                if self.sync.their_heads(conn) != their_before.as_deref() {
+                    moved.push((sid.clone(), conn));
+                }
+            }
+        }
+        self.gossip_heads(moved);
+        for (conn, data) in replies {
+            if let Some(p) = self.peers.get(&conn) {
+                self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
+                p.out.send(wire::sync(
+                    &self.relay.peer_id,
+                    &p.out.peer_id,
+                    &self.id,
+                    data,
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Tell the peers subscribed to a storage id that its heads of this document moved (what
@@ -751,8 +843,19 @@ pub async fn serve(
     ctx.out
         .send(wire::peer(&relay.peer_id, &peer_id, &relay.storage_id));
     let writer = tokio::spawn(async move {
-        while let Some(frame) = rx.recv().await {
-            if sink.send(frame).await.is_err() {
+        // Frames queued together go out with one flush (one write to the socket instead of
+        // one per frame: a find of thousands of documents queues replies in bursts).
+        'frames: while let Some(frame) = rx.recv().await {
+            if sink.feed(frame).await.is_err() {
+                break;
+            }
+            for _ in 1..WRITE_BATCH {
+                let Ok(frame) = rx.try_recv() else { break };
+                if sink.feed(frame).await.is_err() {
+                    break 'frames;
+                }
+            }
+            if sink.flush().await.is_err() {
                 break;
             }
         }
@@ -941,6 +1044,93 @@ mod tests {
     }
 
     use automerge::sync;
+
+    fn test_peer(conn: u64, tx: mpsc::Sender<Message>) -> Arc<PeerCtx> {
+        Arc::new(PeerCtx {
+            conn,
+            out: PeerOut {
+                peer_id: format!("browser-{conn}"),
+                tx,
+                close: Arc::new(Notify::new()),
+            },
+            claims: None,
+            new_ns: "default".into(),
+            storage_id: None,
+            subscribed: Mutex::new(HashSet::new()),
+        })
+    }
+
+    #[tokio::test]
+    async fn a_find_is_answered_from_the_log_without_loading_the_document() {
+        let log: Arc<dyn RelayStore> = Arc::new(crate::relay::log::RelayLog::in_memory());
+        let relay = Arc::new(AmRelay::new(
+            log,
+            AmConfig::default(),
+            Box::new(|_, _, _| {}),
+        ));
+        // A document in the log (as a tandem/1 device or an earlier peer left it).
+        let mut doc = automerge::AutoCommit::new();
+        doc.put(automerge::ROOT, "title", "stored").unwrap();
+        doc.commit();
+        doc.put(automerge::ROOT, "body", "two changes").unwrap();
+        doc.commit();
+        let changes: Vec<Vec<u8>> = doc
+            .get_changes(&[])
+            .iter()
+            .map(|c| c.raw_bytes().to_vec())
+            .collect();
+        let doc_id = DocId([5; 16]);
+        relay.log.append("default", &doc_id, &changes).unwrap();
+        relay.log.durable().unwrap();
+
+        let (tx, mut rx) = mpsc::channel(64);
+        let peer = test_peer(1, tx);
+        let mut client = automerge::Automerge::new();
+        let mut state = sync::State::new();
+        let send = |m: sync::Message| DocInput::Sync {
+            peer: peer.clone(),
+            msg: check_sync_message(&m.encode()).unwrap(),
+            request: true,
+        };
+        let request = client.generate_sync_message(&mut state).unwrap();
+        relay.route(doc_id, send(request)).await;
+        let reply = sync_data(&next_frame(&mut rx).await);
+        assert_eq!(
+            relay.stats.docs_loaded.load(Ordering::SeqCst),
+            0,
+            "answered without loading the document"
+        );
+        assert_eq!(reply.heads, doc.get_heads());
+        client.receive_sync_message(&mut state, reply).unwrap();
+        assert_eq!(client.get_heads(), doc.get_heads());
+
+        // The peer edits and syncs: now the relay loads the document and carries on from the
+        // state the answer left, until it reports the peer's new heads.
+        let mut tx = client.transaction();
+        tx.put(automerge::ROOT, "title", "edited").unwrap();
+        tx.commit();
+        for _ in 0..10 {
+            let Some(mut m) = client.generate_sync_message(&mut state) else {
+                break;
+            };
+            // Version 1, as peers speak to the relay (it never advertises version 2).
+            m.version = sync::MessageVersion::V1;
+            relay.route(doc_id, send(m)).await;
+            let reply = sync_data(&next_frame(&mut rx).await);
+            let done = reply.heads == client.get_heads();
+            client.receive_sync_message(&mut state, reply).unwrap();
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            state.shared_heads,
+            client.get_heads(),
+            "the relay has the edit"
+        );
+        assert_eq!(relay.stats.docs_loaded.load(Ordering::SeqCst), 1);
+        assert_eq!(relay.stats.changes_stored.load(Ordering::SeqCst), 1);
+    }
 
     #[tokio::test]
     async fn heads_are_reported_only_once_durable() {
