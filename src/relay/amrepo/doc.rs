@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, BloomFilter, Capability, Have, MessageVersion, SyncDoc};
-use automerge::{Automerge, ChangeHash, ReadDoc};
+use automerge::{Automerge, ChangeHash};
 
 use crate::crdt::parse_change;
 
@@ -155,6 +155,11 @@ fn check_bloom(bytes: &[u8]) -> Result<(), String> {
 }
 
 /// A change a peer sent that the document did not have yet.
+/// At most this many bytes of received changes are kept waiting for their dependencies.
+const MAX_RECEIVED_BYTES: usize = 32 << 20;
+/// ... and at most this many changes.
+const MAX_RECEIVED_CHANGES: usize = 4096;
+
 struct Received {
     hash: ChangeHash,
     deps: Vec<ChangeHash>,
@@ -169,6 +174,8 @@ pub struct DocSync<P> {
     /// ([`take_new_changes`](Self::take_new_changes)) once applied; those whose dependencies
     /// have not arrived wait here as they wait in Automerge's queue, and go with the document.
     received: Vec<Received>,
+    /// The bytes held in `received`.
+    received_bytes: usize,
 }
 
 impl<P: Ord + Copy> Default for DocSync<P> {
@@ -177,6 +184,7 @@ impl<P: Ord + Copy> Default for DocSync<P> {
             doc: Automerge::new(),
             peers: BTreeMap::new(),
             received: Vec::new(),
+            received_bytes: 0,
         }
     }
 }
@@ -217,11 +225,13 @@ impl<P: Ord + Copy> DocSync<P> {
     /// A checked sync message from `peer`; `write` false drops its changes (a read-only token).
     pub fn receive(&mut self, peer: P, msg: CheckedSync, write: bool) -> Result<(), String> {
         let CheckedSync { mut msg, graph, .. } = msg;
+        let mark = self.received.len();
         if !write {
             msg.changes = Vec::<Vec<u8>>::new().into();
         } else {
             for ((hash, deps), bytes) in graph.into_iter().zip(msg.changes.iter()) {
                 if !self.has_change(&hash) && !self.received.iter().any(|r| r.hash == hash) {
+                    self.received_bytes += bytes.len();
                     self.received.push(Received {
                         hash,
                         deps,
@@ -232,9 +242,35 @@ impl<P: Ord + Copy> DocSync<P> {
         }
         let state = self.peers.entry(peer).or_default();
         let doc = &mut self.doc;
-        catch_unwind(AssertUnwindSafe(|| doc.receive_sync_message(state, msg)))
-            .map_err(|_| "automerge panicked on the sync message".to_string())?
-            .map_err(|e| e.to_string())
+        let r = catch_unwind(AssertUnwindSafe(|| doc.receive_sync_message(state, msg)))
+            .map_err(|_| "automerge panicked on the sync message".to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()));
+        if r.is_err() {
+            // Keep only what the document took of a refused message.
+            let added = self.received.split_off(mark);
+            let kept: Vec<Received> = added
+                .into_iter()
+                .filter(|c| self.has_change(&c.hash))
+                .collect();
+            self.received.extend(kept);
+            self.recount();
+        }
+        if self.received_bytes > MAX_RECEIVED_BYTES || self.received.len() > MAX_RECEIVED_CHANGES {
+            // Changes waiting for dependencies that never come: forget their bytes (the
+            // document keeps them queued; if they ever apply, `take_new_changes` finds heads
+            // it cannot account for and asks Automerge for the changes instead).
+            let held = std::mem::take(&mut self.received);
+            self.received = held
+                .into_iter()
+                .filter(|c| self.has_change(&c.hash))
+                .collect();
+            self.recount();
+        }
+        r
+    }
+
+    fn recount(&mut self) {
+        self.received_bytes = self.received.iter().map(|c| c.bytes.len()).sum();
     }
 
     /// Answer a message [from an empty peer](CheckedSync::from_empty_peer) with the document as
@@ -294,10 +330,10 @@ impl<P: Ord + Copy> DocSync<P> {
         Ok(reply.encode())
     }
 
+    /// Whether the document has applied the change (not merely queued it). Asked one hash at
+    /// a time: `get_missing_deps` would also count every change waiting in the queue.
     fn has_change(&self, hash: &ChangeHash) -> bool {
-        self.doc
-            .get_missing_deps(std::slice::from_ref(hash))
-            .is_empty()
+        self.doc.get_change_meta_by_hash(hash).is_some()
     }
 
     /// The changes peers sent that the document applied since `before` (its heads then), in
@@ -308,6 +344,7 @@ impl<P: Ord + Copy> DocSync<P> {
             .into_iter()
             .partition(|r| self.has_change(&r.hash));
         self.received = waiting;
+        self.recount();
         let index: std::collections::HashMap<ChangeHash, usize> = applied
             .iter()
             .enumerate()
@@ -393,6 +430,7 @@ impl<P: Ord + Copy> DocSync<P> {
     pub fn unload(&mut self) {
         self.doc = Automerge::new();
         self.received.clear();
+        self.received_bytes = 0;
     }
 
     /// Replace the document (keeping the peers, whose states start over).
@@ -653,6 +691,50 @@ mod tests {
         let before = relay.heads();
         relay.receive(2, msg(&[&c[2], &c[1], &c[0]]), true).unwrap();
         assert!(relay.take_new_changes(&before).is_empty());
+    }
+
+    #[test]
+    fn a_change_waiting_for_a_dependency_hides_no_other() {
+        // A chain of two changes from one writer, and an unrelated change from another.
+        let mut chain = Automerge::new();
+        for v in ["one", "two"] {
+            let mut tx = chain.transaction();
+            tx.put(automerge::ROOT, "title", v).unwrap();
+            tx.commit();
+        }
+        let c = chain.get_changes(&[]);
+        let mut other = Automerge::new();
+        let mut tx = other.transaction();
+        tx.put(automerge::ROOT, "body", "x").unwrap();
+        tx.commit();
+        let lone = other.get_changes(&[])[0].raw_bytes().to_vec();
+        let msg = |chunks: Vec<Vec<u8>>| {
+            let m = sync::Message {
+                heads: vec![],
+                need: vec![],
+                have: vec![],
+                changes: chunks.into(),
+                flags: None,
+                version: MessageVersion::V1,
+            };
+            check_sync_message(&m.encode()).unwrap()
+        };
+        let mut relay: DocSync<u8> = DocSync::default();
+        let before = relay.heads();
+        // The second of the chain alone: it waits in the queue for the first.
+        relay
+            .receive(1, msg(vec![c[1].raw_bytes().to_vec()]), true)
+            .unwrap();
+        relay.receive(2, msg(vec![lone.clone()]), true).unwrap();
+        assert_eq!(relay.take_new_changes(&before), vec![lone]);
+        let before = relay.heads();
+        relay
+            .receive(1, msg(vec![c[0].raw_bytes().to_vec()]), true)
+            .unwrap();
+        assert_eq!(
+            relay.take_new_changes(&before),
+            vec![c[0].raw_bytes().to_vec(), c[1].raw_bytes().to_vec()]
+        );
     }
 
     #[test]
