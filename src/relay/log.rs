@@ -46,6 +46,12 @@ const T_FEEDPOS: u8 = b'P';
 const T_SNAP: u8 = b'S';
 const T_META: u8 = b'R';
 
+/// The relay's default page cache (see [`RelayLog::open_with_cache`]). A push reads only the
+/// pushed document's record and hash index and writes its log tail, and a pull mostly reads
+/// what was pushed moments ago, so the hot set is the documents in use right now, not every
+/// document held; a relay with more busy documents than fit raises it with `--cache-mb`.
+pub const DEFAULT_CACHE_BYTES: u64 = 8 << 20;
+
 /// What the relay keeps about a document.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct DocRecord {
@@ -179,9 +185,23 @@ pub fn valid_namespace(ns: &str) -> bool {
 }
 
 impl RelayLog {
-    /// Open (or create) the relay's folder.
+    /// Open (or create) the relay's folder, with sled's page cache at
+    /// [`DEFAULT_CACHE_BYTES`].
     pub fn open(path: impl AsRef<Path>) -> Result<RelayLog, StoreError> {
-        let backend = SledBackend::open(path.as_ref(), &StoreOptions::default())?;
+        RelayLog::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Open (or create) the relay's folder with a page cache of at most `cache_bytes` (as
+    /// sled counts them: the pages' stored size; the memory they take is about twice that).
+    pub fn open_with_cache(
+        path: impl AsRef<Path>,
+        cache_bytes: u64,
+    ) -> Result<RelayLog, StoreError> {
+        let opts = StoreOptions {
+            cache_bytes,
+            ..StoreOptions::default()
+        };
+        let backend = SledBackend::open(path.as_ref(), &opts)?;
         RelayLog::with_backend(Box::new(backend))
     }
 

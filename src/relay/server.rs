@@ -73,6 +73,10 @@ pub struct RelayConfig {
     pub postgres: Option<String>,
     /// With `postgres`: the Redis that carries changes across nodes.
     pub redis: Option<String>,
+    /// sled's page cache for the `data` folder, in bytes (see [`log::DEFAULT_CACHE_BYTES`]).
+    ///
+    /// [`log::DEFAULT_CACHE_BYTES`]: super::log::DEFAULT_CACHE_BYTES
+    pub cache_bytes: u64,
 }
 
 impl RelayConfig {
@@ -99,6 +103,7 @@ impl RelayConfig {
             presence_burst: 40,
             postgres: None,
             redis: None,
+            cache_bytes: super::log::DEFAULT_CACHE_BYTES,
         }
     }
 }
@@ -302,8 +307,8 @@ async fn open_storage(
     }
     let mut log = match &cfg.data {
         Some(path) => {
-            let p = path.clone();
-            tokio::task::spawn_blocking(move || RelayLog::open(p)).await??
+            let (p, cache) = (path.clone(), cfg.cache_bytes);
+            tokio::task::spawn_blocking(move || RelayLog::open_with_cache(p, cache)).await??
         }
         None => RelayLog::in_memory(),
     };

@@ -53,6 +53,10 @@ pub struct RelayArgs {
     /// Presence updates one connection may send at once before the rate applies.
     #[arg(long, default_value_t = 40)]
     pub presence_burst: u32,
+    /// sled's page cache for the data folder, in MiB (pages as stored; resident memory is
+    /// about twice that). Raise it when the documents in use at once outgrow it.
+    #[arg(long, default_value_t = tandem::relay::log::DEFAULT_CACHE_BYTES >> 20)]
+    pub cache_mb: u64,
     /// Give the relay a new identity before starting (after restoring an older backup):
     /// devices then re-push what the backup lacks instead of trusting cursors it never had.
     #[arg(long)]
@@ -215,6 +219,7 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
     cfg.presence_burst = args.presence_burst;
     cfg.postgres = args.postgres.clone();
     cfg.redis = args.redis.clone();
+    cfg.cache_bytes = args.cache_mb.saturating_mul(1 << 20).max(1 << 20);
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let handle = start(cfg)
