@@ -465,6 +465,17 @@ impl DocActor {
         ));
     }
 
+    /// Refuse a peer whose token cannot read `ns`: the error says why, and `doc-unavailable`
+    /// lets the client's `find` end.
+    fn refuse_read(&self, peer: &PeerCtx, ns: &str) {
+        self.error_to(peer, &format!("this token cannot read namespace '{ns}'"));
+        peer.out.send(wire::doc_unavailable(
+            &self.relay.peer_id,
+            &peer.out.peer_id,
+            &self.id,
+        ));
+    }
+
     fn round(&mut self, batch: Vec<DocInput>, catch_up: bool) {
         let batch = if catch_up && !self.loaded {
             match self.answer_from_log(batch) {
@@ -501,13 +512,7 @@ impl DocActor {
                         .clone()
                         .unwrap_or_else(|| peer.new_ns.clone());
                     if !peer.can_read(&ns) {
-                        // The error says why; `doc-unavailable` lets the client's `find` end.
-                        self.error_to(&peer, &format!("this token cannot read namespace '{ns}'"));
-                        peer.out.send(wire::doc_unavailable(
-                            &self.relay.peer_id,
-                            &peer.out.peer_id,
-                            &self.id,
-                        ));
+                        self.refuse_read(&peer, &ns);
                         continue;
                     }
                     let write = msg.has_changes && peer.can_write(&ns);
@@ -637,12 +642,7 @@ impl DocActor {
                 continue;
             };
             if !peer.can_read(&ns) {
-                self.error_to(&peer, &format!("this token cannot read namespace '{ns}'"));
-                peer.out.send(wire::doc_unavailable(
-                    &self.relay.peer_id,
-                    &peer.out.peer_id,
-                    &self.id,
-                ));
+                self.refuse_read(&peer, &ns);
                 continue;
             }
             let conn = peer.conn;
