@@ -316,12 +316,14 @@ impl Loaded {
 /// every such read walks the history of the keys it passes (a title rewritten 2,500 times
 /// costs thousands of steps per read), and a change needs a dozen: kept, it costs one read of
 /// each critical field the change wrote.
+#[derive(Debug, PartialEq)]
 struct Shape {
     /// [`View::fields`]: the schema type's fields first (`typed` of them), then the others.
     fields: Vec<crdt::FieldRef>,
     typed: usize,
-    /// Open conflicts on critical fields: field name → number of versions.
-    conflicts: BTreeMap<String, usize>,
+    /// Open conflicts on critical fields: stored key → (field name, number of versions). By
+    /// key: a document written outside the schema may hold two fields of one name.
+    conflicts: BTreeMap<String, (String, usize)>,
     /// No migration is pending.
     current: bool,
     /// The document's `_authors` names this device's author.
@@ -332,10 +334,13 @@ impl Shape {
     fn read(doc: &Automerge, schema: Option<&Schema>, actor: &ActorId, author: &str) -> Shape {
         let view = View::new(doc, schema);
         let fields = view.fields();
-        let conflicts = view
-            .conflicts_in(&fields, false)
-            .into_iter()
-            .map(|c| (c.field, c.versions.len()))
+        let conflicts = fields
+            .iter()
+            .filter(|f| f.strategy == crate::Strategy::Critical)
+            .filter_map(|f| {
+                let c = view.field_conflict(f)?;
+                Some((f.key.clone(), (f.name.clone(), c.versions.len())))
+            })
             .collect();
         Shape {
             typed: view.typed_fields(),
@@ -365,8 +370,10 @@ impl Shape {
                 continue;
             }
             match view.field_conflict(f) {
-                Some(c) => self.conflicts.insert(f.name.clone(), c.versions.len()),
-                None => self.conflicts.remove(&f.name),
+                Some(c) => self
+                    .conflicts
+                    .insert(f.key.clone(), (f.name.clone(), c.versions.len())),
+                None => self.conflicts.remove(&f.key),
             };
         }
         self.authored = true;
@@ -377,9 +384,14 @@ impl Shape {
     fn conflicted(&self) -> Vec<String> {
         self.fields
             .iter()
-            .filter(|f| self.conflicts.contains_key(&f.name))
+            .filter(|f| self.conflicts.contains_key(&f.key))
             .map(|f| f.name.clone())
             .collect()
+    }
+
+    /// Open conflicts by field name, with their number of versions (for conflict events).
+    fn conflict_names(&self) -> BTreeMap<String, usize> {
+        self.conflicts.values().cloned().collect()
     }
 }
 
@@ -572,13 +584,7 @@ impl Repo {
         let schema = self.schema();
         let mut tx = doc.transaction();
         crdt::init_entity(&mut tx, schema, ty, &fields)?;
-        Writer {
-            tx: &mut tx,
-            schema,
-            typed: &[],
-            touched: Vec::new(),
-        }
-        .record_author(&self.inner.actor, self.author())?;
+        Writer::new(&mut tx, schema).record_author(&self.inner.actor, self.author())?;
         tx.commit_with(
             CommitOptions::default()
                 .with_time(self.inner.opts.entropy.now_secs())
@@ -751,10 +757,17 @@ impl Repo {
         let mut l = lock(&entry);
         let schema = self.schema();
         let mut shape = self.take_shape(&mut l);
-        let before = shape.conflicts.clone();
+        let before = shape.conflict_names();
         let before_heads = l.doc.get_heads();
         let mut changes: Vec<Change> = match schema {
-            Some(s) if !shape.current => migrate::migrate(&mut l.doc, id, s)?,
+            Some(s) if !shape.current => match migrate::migrate(&mut l.doc, id, s) {
+                Ok(c) => c,
+                Err(e) => {
+                    // A migration may be applied in memory: back to what the store has.
+                    self.reload(id, &mut l);
+                    return Err(e.into());
+                }
+            },
             _ => Vec::new(),
         };
         // A migration changes the fields: then nothing of the shape carries over.
@@ -799,13 +812,15 @@ impl Repo {
             }
         };
         if tx.pending_ops() > 0 && (migrated || !shape.authored) {
-            Writer {
-                tx: &mut tx,
-                schema,
-                typed: &[],
-                touched: Vec::new(),
+            if let Err(e) =
+                Writer::new(&mut tx, schema).record_author(&self.inner.actor, self.author())
+            {
+                tx.rollback();
+                if migrated {
+                    self.reload(id, &mut l);
+                }
+                return Err(e.into());
             }
-            .record_author(&self.inner.actor, self.author())?;
         }
         let mut opts = CommitOptions::default().with_time(self.inner.opts.entropy.now_secs());
         if let Some(m) = message {
@@ -842,8 +857,10 @@ impl Repo {
         {
             // Every test run checks the kept shape against a fresh read.
             let fresh = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
-            debug_assert_eq!(shape.conflicts, fresh.conflicts, "kept conflicts of {id}");
-            debug_assert_eq!(shape.fields, fresh.fields, "kept fields of {id}");
+            debug_assert_eq!(shape, fresh, "kept shape of {id}");
+            let mut meta = l.meta.clone();
+            refresh_meta(&mut meta, &l.doc, schema);
+            debug_assert_eq!(l.meta, meta, "kept metadata of {id}");
         }
         let now = l.doc.get_heads();
         let patches = match logged {
@@ -851,7 +868,7 @@ impl Repo {
             None => editing::patches(&l.doc, schema, &before_heads, &now),
         }
         .into();
-        let after = shape.conflicts.clone();
+        let after = shape.conflict_names();
         let status = self.status_with(id, &l.meta, &shape);
         l.shape = Some(shape);
         drop(l);
@@ -1206,7 +1223,7 @@ impl Repo {
         let schema = self.schema();
         let before_heads = l.doc.get_heads();
         let shape = self.take_shape(&mut l);
-        let before = shape.conflicts.clone();
+        let before = shape.conflict_names();
         l.shape = Some(shape);
         let fresh: Vec<Change> = parsed
             .into_iter()
@@ -1250,7 +1267,7 @@ impl Repo {
         }
         l.meta = meta;
         let shape = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
-        let after = shape.conflicts.clone();
+        let after = shape.conflict_names();
         let now = l.doc.get_heads();
         let patches = editing::convert_named(&shape.fields, l.doc.make_patches(&mut log)).into();
         let status = self.status_with(id, &l.meta, &shape);

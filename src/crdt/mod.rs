@@ -512,6 +512,18 @@ pub struct Writer<'t, 'd> {
     pub touched: Vec<String>,
 }
 
+impl<'t, 'd> Writer<'t, 'd> {
+    /// A writer that resolves every field against the document.
+    pub fn new(tx: &'t mut Transaction<'d>, schema: Option<&'t Schema>) -> Self {
+        Writer {
+            tx,
+            schema,
+            typed: &[],
+            touched: Vec::new(),
+        }
+    }
+}
+
 fn wrong_kind(f: &FieldRef, hint: &str) -> EntityError {
     EntityError::WrongKind {
         field: f.name.clone(),
@@ -791,12 +803,7 @@ pub fn init_entity(
             }
         }
     }
-    let mut w = Writer {
-        tx,
-        schema,
-        typed: &[],
-        touched: Vec::new(),
-    };
+    let mut w = Writer::new(tx, schema);
     for (name, value) in fields {
         // A counter's initial value is an increment from zero; anywhere else a counter refuses
         // plain values.
