@@ -851,12 +851,12 @@ impl Repo {
         }
         self.persist_local(id, &mut l, &changes, meta)?;
         if !kept {
-            shape = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
+            shape = self.read_shape(&l.doc);
         }
         #[cfg(debug_assertions)]
         {
             // Every test run checks the kept shape against a fresh read.
-            let fresh = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
+            let fresh = self.read_shape(&l.doc);
             debug_assert_eq!(shape, fresh, "kept shape of {id}");
             let mut meta = l.meta.clone();
             refresh_meta(&mut meta, &l.doc, schema);
@@ -884,11 +884,15 @@ impl Repo {
         Ok(hash.map(|h| h.to_string()))
     }
 
+    fn read_shape(&self, doc: &Automerge) -> Shape {
+        Shape::read(doc, self.schema(), &self.inner.actor, self.author())
+    }
+
     /// The loaded document's shape, read if it is not known; the caller puts it back.
     fn take_shape(&self, l: &mut Loaded) -> Shape {
         match l.shape.take() {
             Some(s) => s,
-            None => Shape::read(&l.doc, self.schema(), &self.inner.actor, self.author()),
+            None => self.read_shape(&l.doc),
         }
     }
 
@@ -1266,7 +1270,7 @@ impl Repo {
             return Err(e.into());
         }
         l.meta = meta;
-        let shape = Shape::read(&l.doc, schema, &self.inner.actor, self.author());
+        let shape = self.read_shape(&l.doc);
         let after = shape.conflict_names();
         let now = l.doc.get_heads();
         let patches = editing::convert_named(&shape.fields, l.doc.make_patches(&mut log)).into();

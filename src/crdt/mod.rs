@@ -13,7 +13,6 @@ pub mod migrate;
 pub mod schema;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 
 use automerge::transaction::{Transactable, Transaction};
 use automerge::{
@@ -352,13 +351,8 @@ impl<'a, R: ReadDoc> View<'a, R> {
 impl View<'_, Automerge> {
     /// Fields whose concurrent values differ. Only critical fields unless `any_field`.
     pub fn conflicts(&self, any_field: bool) -> Vec<FieldConflict> {
-        self.conflicts_in(&self.fields(), any_field)
-    }
-
-    /// [`View::conflicts`] over `fields` (this document's, from [`View::fields`]).
-    pub fn conflicts_in(&self, fields: &[FieldRef], any_field: bool) -> Vec<FieldConflict> {
         let mut out = Vec::new();
-        for f in fields {
+        for f in &self.fields() {
             let critical = f.strategy == Strategy::Critical;
             if !critical && !any_field {
                 continue;
@@ -822,12 +816,4 @@ pub fn show(v: &serde_json::Value) -> Cow<'_, str> {
         serde_json::Value::String(s) => Cow::Borrowed(s),
         other => Cow::Owned(other.to_string()),
     }
-}
-
-/// The stored keys of every field in conflict: used to raise events on change.
-pub fn conflict_map(view: &View<'_>) -> BTreeMap<String, usize> {
-    view.conflicts(false)
-        .into_iter()
-        .map(|c| (c.field, c.versions.len()))
-        .collect()
 }

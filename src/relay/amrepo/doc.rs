@@ -247,26 +247,26 @@ impl<P: Ord + Copy> DocSync<P> {
             .and_then(|r| r.map_err(|e| e.to_string()));
         if r.is_err() {
             // Keep only what the document took of a refused message.
-            let added = self.received.split_off(mark);
-            let kept: Vec<Received> = added
-                .into_iter()
-                .filter(|c| self.has_change(&c.hash))
-                .collect();
-            self.received.extend(kept);
-            self.recount();
+            self.keep_applied(mark);
         }
         if self.received_bytes > MAX_RECEIVED_BYTES || self.received.len() > MAX_RECEIVED_CHANGES {
             // Changes waiting for dependencies that never come: forget their bytes (the
             // document keeps them queued; if they ever apply, `take_new_changes` finds heads
             // it cannot account for and asks Automerge for the changes instead).
-            let held = std::mem::take(&mut self.received);
-            self.received = held
-                .into_iter()
-                .filter(|c| self.has_change(&c.hash))
-                .collect();
-            self.recount();
+            self.keep_applied(0);
         }
         r
+    }
+
+    /// Drop the received changes from index `from` on that the document has not applied.
+    fn keep_applied(&mut self, from: usize) {
+        let tail = self.received.split_off(from);
+        let kept: Vec<Received> = tail
+            .into_iter()
+            .filter(|c| self.has_change(&c.hash))
+            .collect();
+        self.received.extend(kept);
+        self.recount();
     }
 
     fn recount(&mut self) {
