@@ -545,6 +545,9 @@ async fn an_idle_document_leaves_memory_and_still_gets_live_changes() {
     sync_once(&device, cfg.clone(), LONG).await.unwrap();
     let mut js = JsPeer::start(&relay.am(), None);
     js.cmd(json!({"op": "find", "id": id.to_string()}));
+    // The find is answered from the log; an edit from the peer loads the document.
+    js.cmd(json!({"op": "change", "id": id.to_string(), "set": {"pinned": true}}));
+    js.cmd(json!({"op": "acked", "id": id.to_string()}));
     assert_eq!(
         metric(relay.addr, "tandem_relay_automerge_docs_in_memory"),
         1

@@ -9,7 +9,7 @@
 //! ([`parse_change`]), and bloom filters must have sane parameters (their probe count is a
 //! loop bound). Automerge calls on peer data run under `catch_unwind`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use automerge::sync::{self, BloomFilter, Capability, Have, MessageVersion, SyncDoc};
@@ -75,6 +75,13 @@ impl CheckedSync {
                 .iter()
                 .all(|h| h.last_sync.is_empty() && h.bloom.to_bytes().is_empty())
     }
+
+    /// Whether the sender sends no changes and needs none, with heads: what a peer's
+    /// acknowledgement of a reply looks like (see [`DocSync::acknowledges`]).
+    pub fn is_quiet(&self) -> bool {
+        let m = &self.msg;
+        m.changes.is_empty() && m.need.is_empty() && !m.heads.is_empty()
+    }
 }
 
 /// A document as the log holds it when it was never compacted: its raw changes in log
@@ -96,7 +103,7 @@ impl LoggedChanges {
             return Err("no changes".into());
         }
         let mut hashes = Vec::with_capacity(changes.len());
-        let mut deps = std::collections::HashSet::new();
+        let mut deps = HashSet::new();
         for c in &changes {
             let change = parse_change(c)?;
             hashes.push(change.hash());
@@ -165,6 +172,10 @@ struct Received {
     deps: Vec<ChangeHash>,
     bytes: Vec<u8>,
 }
+
+/// A document taken whole from a peer ([`DocSync::take_new_document`]): its changes in causal
+/// order, and the reply to send once they are durable.
+pub type NewDocument = (Vec<Vec<u8>>, Vec<u8>);
 
 /// One document and its peers' sync states. `P` identifies a peer (the shell's connection id).
 pub struct DocSync<P> {
@@ -330,6 +341,169 @@ impl<P: Ord + Copy> DocSync<P> {
         Ok(reply.encode())
     }
 
+    /// Whether `msg` is `peer`'s acknowledgement of the document as `logged`, with this copy
+    /// unloaded: the peer was answered before (typically by
+    /// [`answer_empty_peer`](Self::answer_empty_peer)), sends no changes, needs nothing, and
+    /// says it has exactly the logged heads and has synced up to them. Automerge would answer
+    /// such a message with nothing, so [`answer_ack`](Self::answer_ack) can take it without
+    /// loading the document.
+    pub fn acknowledges(&self, peer: P, msg: &CheckedSync, logged: &LoggedChanges) -> bool {
+        let m = &msg.msg;
+        let at_heads = |hashes: &[ChangeHash]| {
+            let mut sorted = hashes.to_vec();
+            sorted.sort_unstable();
+            sorted == logged.heads
+        };
+        self.is_empty()
+            && m.changes.is_empty()
+            && m.need.is_empty()
+            && m.heads == logged.heads
+            && m.have.iter().all(|h| at_heads(&h.last_sync))
+            && self.peers.get(&peer).is_some_and(|s| s.have_responded)
+    }
+
+    /// Take a message that [`acknowledges`](Self::acknowledges) the logged document, leaving
+    /// `peer`'s sync state as Automerge leaves it with the document loaded; there is nothing to
+    /// send back. The document stays unloaded.
+    pub fn answer_ack(
+        &mut self,
+        peer: P,
+        msg: CheckedSync,
+        logged: &LoggedChanges,
+    ) -> Result<(), String> {
+        debug_assert!(self.acknowledges(peer, &msg, logged));
+        let Some(state) = self.peers.get_mut(&peer) else {
+            return Err("no sync state for the peer".into());
+        };
+        // On the empty copy, receiving takes the message's flags, clears `in_flight` and keeps
+        // the peer's heads, have and need, exactly as on the loaded one. What differs is what
+        // depends on the document's changes, set below as the loaded copy sets it: every
+        // change sent is an ancestor of the peer's heads (the logged heads), the heads are
+        // ours (so they count as sent), and they are shared.
+        let doc = &mut self.doc;
+        catch_unwind(AssertUnwindSafe(|| {
+            doc.receive_sync_message(state, msg.msg)
+        }))
+        .map_err(|_| "automerge panicked on the sync message".to_string())?
+        .map_err(|e| e.to_string())?;
+        state.sent_hashes.clear();
+        state.last_sent_heads = logged.heads.clone();
+        state.shared_heads = logged.heads.clone();
+        Ok(())
+    }
+
+    /// Take a whole new document from `peer` while this copy is empty, without building it:
+    /// the message carries every change of the document (each change's dependencies are among
+    /// them), its heads are theirs, and it asks for nothing and lacks nothing this copy would
+    /// then send. Leaves `peer`'s sync state as receiving the message and generating the reply
+    /// would with the document loaded, and returns the changes in causal order with that reply
+    /// (to send once the changes are durable). The copy stays empty: the caller stores the
+    /// changes and reads them back from the log when it needs the document. `None`, with
+    /// nothing changed, when the message is not such a one; then it goes the ordinary way.
+    pub fn take_new_document(
+        &mut self,
+        peer: P,
+        msg: &CheckedSync,
+    ) -> Result<Option<NewDocument>, String> {
+        let m = &msg.msg;
+        if !self.is_empty() || !self.received.is_empty() || m.changes.is_empty() {
+            return Ok(None);
+        }
+        let index: HashMap<ChangeHash, usize> = msg
+            .graph
+            .iter()
+            .enumerate()
+            .map(|(i, (h, _))| (*h, i))
+            .collect();
+        let closed = index.len() == msg.graph.len()
+            && msg
+                .graph
+                .iter()
+                .all(|(_, deps)| deps.iter().all(|d| index.contains_key(d)));
+        if !closed {
+            return Ok(None);
+        }
+        // The heads the changes make (what the document's would be), sorted as Automerge's.
+        let depended: HashSet<&ChangeHash> = msg.graph.iter().flat_map(|(_, d)| d).collect();
+        let mut heads: Vec<ChangeHash> = index
+            .keys()
+            .filter(|h| !depended.contains(h))
+            .copied()
+            .collect();
+        heads.sort_unstable();
+        let mut their_heads = m.heads.clone();
+        their_heads.sort_unstable();
+        if their_heads != heads || !m.need.is_empty() {
+            return Ok(None);
+        }
+        // Nothing to send back: every change is behind their last sync or in their bloom
+        // filter (and their last sync is known, else Automerge would ask for a reset).
+        let mut synced: HashSet<ChangeHash> = HashSet::new();
+        let mut stack: Vec<ChangeHash> = Vec::new();
+        for have in &m.have {
+            if !have.last_sync.iter().all(|h| index.contains_key(h)) {
+                return Ok(None);
+            }
+            stack.extend(have.last_sync.iter().copied());
+        }
+        while let Some(h) = stack.pop() {
+            if synced.insert(h) {
+                stack.extend(msg.graph[index[&h]].1.iter().copied());
+            }
+        }
+        let lacking = !m.have.is_empty()
+            && msg.graph.iter().any(|(h, _)| {
+                !synced.contains(h) && m.have.iter().all(|have| !have.bloom.contains_hash(h))
+            });
+        let ours = |s: &sync::State| s.read_only || s.needs_reset || s.last_sent_heads == heads;
+        if lacking || self.peers.get(&peer).is_some_and(ours) {
+            return Ok(None);
+        }
+        let state = self.peers.entry(peer).or_default();
+        // Receive. On the empty copy, with the changes left out, Automerge takes the flags,
+        // clears `in_flight` and keeps the peer's heads, have and need, as it would with the
+        // changes applied; what depends on them is set below as the loaded copy sets it.
+        let mut bare = m.clone();
+        bare.changes = Vec::<Vec<u8>>::new().into();
+        let doc = &mut self.doc;
+        catch_unwind(AssertUnwindSafe(|| doc.receive_sync_message(state, bare)))
+            .map_err(|_| "automerge panicked on the sync message".to_string())?
+            .map_err(|e| e.to_string())?;
+        // Their heads are all known now: they are shared, and what was sent is behind them.
+        state.shared_heads = m.heads.clone();
+        state.sent_hashes.retain(|h| !index.contains_key(h));
+        // Generate: no need (their heads are ours), a have at the shared heads (nothing after
+        // them), no changes; the heads moved, so a message goes out.
+        let version = if state
+            .their_capabilities
+            .as_ref()
+            .is_some_and(|c| c.contains(&Capability::MessageV2))
+        {
+            MessageVersion::V2
+        } else {
+            MessageVersion::V1
+        };
+        let reply = sync::Message {
+            heads: heads.clone(),
+            need: Vec::new(),
+            have: vec![Have {
+                last_sync: state.shared_heads.clone(),
+                bloom: BloomFilter::from_hashes(std::iter::empty::<ChangeHash>()),
+            }],
+            changes: Vec::<Vec<u8>>::new().into(),
+            // As in `outgoing`: no capability flags.
+            flags: None,
+            version,
+        };
+        state.have_responded = true;
+        state.last_sent_heads = heads;
+        state.in_flight = true;
+        let order = causal_order(&index, |i| &msg.graph[i].1);
+        let chunks: Vec<_> = m.changes.iter().collect();
+        let changes = order.into_iter().map(|i| chunks[i].to_vec()).collect();
+        Ok(Some((changes, reply.encode())))
+    }
+
     /// Whether the document has applied the change (not merely queued it). Asked one hash at
     /// a time: `get_missing_deps` would also count every change waiting in the queue.
     fn has_change(&self, hash: &ChangeHash) -> bool {
@@ -345,7 +519,7 @@ impl<P: Ord + Copy> DocSync<P> {
             .partition(|r| self.has_change(&r.hash));
         self.received = waiting;
         self.recount();
-        let index: std::collections::HashMap<ChangeHash, usize> = applied
+        let index: HashMap<ChangeHash, usize> = applied
             .iter()
             .enumerate()
             .map(|(i, r)| (r.hash, i))
@@ -361,32 +535,7 @@ impl<P: Ord + Copy> DocSync<P> {
             tracing::warn!("document heads not accounted for by the changes received");
             return self.changes_since(before);
         }
-        // Causal order: depth first, each change after the ones it depends on (iterative, so a
-        // long chain cannot exhaust the stack).
-        let mut done = vec![false; applied.len()];
-        let mut order = Vec::with_capacity(applied.len());
-        for start in 0..applied.len() {
-            let mut stack = vec![(start, 0usize)];
-            while let Some((i, next)) = stack.pop() {
-                if done[i] {
-                    continue;
-                }
-                let dep = applied[i].deps[next..]
-                    .iter()
-                    .enumerate()
-                    .find_map(|(k, d)| index.get(d).filter(|&&j| !done[j]).map(|&j| (k, j)));
-                match dep {
-                    Some((k, j)) => {
-                        stack.push((i, next + k + 1));
-                        stack.push((j, 0));
-                    }
-                    None => {
-                        done[i] = true;
-                        order.push(i);
-                    }
-                }
-            }
-        }
+        let order = causal_order(&index, |i| &applied[i].deps);
         let mut applied: Vec<Option<Received>> = applied.into_iter().map(Some).collect();
         order
             .into_iter()
@@ -458,6 +607,41 @@ impl<P: Ord + Copy> DocSync<P> {
         }
         out
     }
+}
+
+/// The changes `0..index.len()` (`index` maps each one's hash to its position) in causal
+/// order: depth first, each after those of its dependencies that are among them. Iterative, so
+/// a long chain cannot exhaust the stack.
+fn causal_order<'a>(
+    index: &HashMap<ChangeHash, usize>,
+    deps: impl Fn(usize) -> &'a [ChangeHash],
+) -> Vec<usize> {
+    let n = index.len();
+    let mut done = vec![false; n];
+    let mut order = Vec::with_capacity(n);
+    for start in 0..n {
+        let mut stack = vec![(start, 0usize)];
+        while let Some((i, next)) = stack.pop() {
+            if done[i] {
+                continue;
+            }
+            let dep = deps(i)[next..]
+                .iter()
+                .enumerate()
+                .find_map(|(k, d)| index.get(d).filter(|&&j| !done[j]).map(|&j| (k, j)));
+            match dep {
+                Some((k, j)) => {
+                    stack.push((i, next + k + 1));
+                    stack.push((j, 0));
+                }
+                None => {
+                    done[i] = true;
+                    order.push(i);
+                }
+            }
+        }
+    }
+    order
 }
 
 #[cfg(test)]
@@ -618,6 +802,164 @@ mod tests {
             }
             assert_eq!(client.get_heads(), doc.get_heads());
         }
+    }
+
+    #[test]
+    fn the_acknowledgement_of_a_log_answer_is_taken_as_automerge_would() {
+        let (doc, changes) = two_writers();
+        let logged = LoggedChanges::new(changes.clone()).unwrap();
+        let mut acked = 0;
+        for first in empty_peer_messages() {
+            let mut loaded: DocSync<u8> = DocSync::default();
+            loaded.apply_log(None, &changes).unwrap();
+            loaded
+                .receive(1, check_sync_message(&first).unwrap(), true)
+                .unwrap();
+            loaded.outgoing();
+            let mut unloaded: DocSync<u8> = DocSync::default();
+            let reply = unloaded
+                .answer_empty_peer(1, check_sync_message(&first).unwrap(), &logged)
+                .unwrap();
+            // The client takes the reply and acknowledges it.
+            let mut client = Automerge::new();
+            let mut state = sync::State::new();
+            client
+                .receive_sync_message(&mut state, sync::Message::decode(&reply).unwrap())
+                .unwrap();
+            let mut ack = client.generate_sync_message(&mut state).unwrap();
+            ack.version = MessageVersion::V1;
+            let ack = ack.encode();
+            if client.get_heads() != doc.get_heads() {
+                // A reply with no changes (a peer that said nothing of what it has): not an
+                // acknowledgement of the document.
+                assert!(!unloaded.acknowledges(1, &check_sync_message(&ack).unwrap(), &logged));
+                continue;
+            }
+            let checked = check_sync_message(&ack).unwrap();
+            assert!(unloaded.acknowledges(1, &checked, &logged));
+            unloaded.answer_ack(1, checked, &logged).unwrap();
+            acked += 1;
+            loaded
+                .receive(1, check_sync_message(&ack).unwrap(), true)
+                .unwrap();
+            assert!(loaded.outgoing().is_empty(), "automerge sends nothing back");
+            assert!(unloaded.is_empty(), "nothing was loaded");
+            assert_eq!(unloaded.peers[&1], loaded.peers[&1], "the same sync state");
+            // Loaded later, the copy owes the peer nothing either.
+            unloaded.apply_log(None, &changes).unwrap();
+            assert!(unloaded.outgoing().is_empty());
+        }
+        assert!(acked >= 2, "{acked} acknowledgements");
+        // A peer never answered, or one that is behind, is not acknowledging.
+        let unloaded: DocSync<u8> = DocSync::default();
+        let m = doc.generate_sync_message(&mut sync::State::new()).unwrap();
+        assert!(!unloaded.acknowledges(1, &check_sync_message(&m.encode()).unwrap(), &logged));
+    }
+
+    /// A client's message, as it reaches the relay: version 1, with or without its flags.
+    fn as_sent(mut m: sync::Message, flags: bool) -> CheckedSync {
+        m.version = MessageVersion::V1;
+        if !flags {
+            m.flags = None;
+        }
+        check_sync_message(&m.encode()).unwrap()
+    }
+
+    #[test]
+    fn a_new_document_is_taken_without_building_it_as_automerge_would() {
+        let (concurrent, _) = two_writers();
+        let mut chain = Automerge::new();
+        for i in 0..3 {
+            let mut tx = chain.transaction();
+            tx.put(automerge::ROOT, "n", i).unwrap();
+            tx.commit();
+        }
+        let mut taken = 0;
+        for mut client in [concurrent, chain] {
+            for flags in [false, true] {
+                // The client's first message (its heads), answered the ordinary way by both
+                // copies; then its changes.
+                let mut state = sync::State::new();
+                let first = client.generate_sync_message(&mut state).unwrap();
+                let mut real: DocSync<u8> = DocSync::default();
+                let mut fast: DocSync<u8> = DocSync::default();
+                real.receive(1, as_sent(first.clone(), flags), true)
+                    .unwrap();
+                fast.receive(1, as_sent(first, flags), true).unwrap();
+                let asked = real.outgoing().pop().unwrap().1;
+                assert_eq!(fast.outgoing().pop().unwrap().1, asked);
+                client
+                    .receive_sync_message(&mut state, sync::Message::decode(&asked).unwrap())
+                    .unwrap();
+                let second = client.generate_sync_message(&mut state).unwrap();
+                assert!(!second.changes.is_empty());
+
+                let before = real.heads();
+                real.receive(1, as_sent(second.clone(), flags), true)
+                    .unwrap();
+                let mut real_changes = real.take_new_changes(&before);
+                let (_, real_reply) = real.outgoing().pop().unwrap();
+                let (mut changes, reply) = fast
+                    .take_new_document(1, &as_sent(second, flags))
+                    .unwrap()
+                    .expect("taken without the document");
+                taken += 1;
+                assert!(fast.is_empty(), "nothing was built");
+                assert_eq!(fast.peers[&1], real.peers[&1], "the same sync state");
+                let (ours, theirs) = (
+                    sync::Message::decode(&reply).unwrap(),
+                    sync::Message::decode(&real_reply).unwrap(),
+                );
+                assert_eq!(ours.heads, theirs.heads);
+                assert_eq!(ours.need, theirs.need);
+                assert_eq!(ours.have, theirs.have);
+                assert_eq!(ours.version, theirs.version);
+                assert_eq!(ours.flags, theirs.flags);
+                assert!(ours.changes.is_empty() && theirs.changes.is_empty());
+                // The same changes, each after its dependencies.
+                let mut d = Automerge::new();
+                for c in &changes {
+                    let c = automerge::Change::from_bytes(c.clone()).unwrap();
+                    let h = c.hash();
+                    d.apply_changes([c]).unwrap();
+                    assert!(d.get_change_meta_by_hash(&h).is_some(), "applied in order");
+                }
+                assert_eq!(d.get_heads(), client.get_heads());
+                changes.sort();
+                real_changes.sort();
+                assert_eq!(changes, real_changes);
+            }
+        }
+        assert_eq!(taken, 4);
+    }
+
+    #[test]
+    fn only_a_whole_new_document_is_taken_without_building_it() {
+        let (doc, changes) = two_writers();
+        let whole = doc.generate_sync_message(&mut sync::State::new()).unwrap();
+        let with = |changes: &[Vec<u8>], need: Vec<ChangeHash>| {
+            let mut m = whole.clone();
+            m.changes = changes.to_vec().into();
+            m.need = need;
+            as_sent(m, false)
+        };
+        // Not every change (a dependency is missing), or a need, or a copy that has changes.
+        let mut empty: DocSync<u8> = DocSync::default();
+        assert!(empty
+            .take_new_document(1, &with(&changes[1..], vec![]))
+            .unwrap()
+            .is_none());
+        assert!(empty
+            .take_new_document(1, &with(&changes, doc.get_heads()))
+            .unwrap()
+            .is_none());
+        assert!(!empty.has_peer(1), "nothing changed");
+        let mut loaded: DocSync<u8> = DocSync::default();
+        loaded.apply_log(None, &changes[..1]).unwrap();
+        assert!(loaded
+            .take_new_document(1, &with(&changes, vec![]))
+            .unwrap()
+            .is_none());
     }
 
     #[test]

@@ -346,7 +346,6 @@ impl DocActor {
                 // A poke for a document nobody here syncs any more: nothing to load for.
                 continue;
             }
-            let catch_up = poked || !self.loaded;
             let relay = self.relay.clone();
             let Ok(_permit) = relay.rounds.acquire().await else {
                 break;
@@ -354,7 +353,7 @@ impl DocActor {
             let mut me = self;
             match tokio::task::spawn_blocking(move || {
                 let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    me.round(batch, catch_up)
+                    me.round(batch, poked)
                 }));
                 if r.is_err() {
                     tracing::error!(doc = %me.id, "a document round panicked; reloading it");
@@ -476,8 +475,22 @@ impl DocActor {
         ));
     }
 
-    fn round(&mut self, batch: Vec<DocInput>, catch_up: bool) {
-        let batch = if catch_up && !self.loaded {
+    /// One round: `batch` is the inputs waiting, `poked` says the log grew since the last.
+    fn round(&mut self, batch: Vec<DocInput>, poked: bool) {
+        if !poked && !batch.iter().any(|i| matches!(i, DocInput::Sync { .. })) {
+            // Ephemeral messages and peers leaving need no document.
+            for input in batch {
+                self.relay_other(input);
+            }
+            return;
+        }
+        let catch_up = poked || !self.loaded;
+        let batch = match self.take_new_document(batch) {
+            Ok(()) => return,
+            Err(batch) => batch,
+        };
+        // After a poke the peers may be owed the log's new changes: that needs the document.
+        let batch = if !poked && !self.loaded {
             match self.answer_from_log(batch) {
                 Ok(()) => return,
                 Err(batch) => batch,
@@ -544,17 +557,7 @@ impl DocActor {
                         unavailable.push(peer);
                     }
                 }
-                DocInput::Ephemeral { conn, raw } => {
-                    for (c, p) in &self.peers {
-                        if *c != conn {
-                            p.out.send(wire::readdress(&raw, &p.out.peer_id));
-                        }
-                    }
-                }
-                DocInput::Gone { conn } => {
-                    self.peers.remove(&conn);
-                    self.sync.remove_peer(conn);
-                }
+                other => self.relay_other(other),
             }
         }
         // "Nobody has it": say so, and forget the asker until it asks again.
@@ -606,13 +609,81 @@ impl DocActor {
         }
     }
 
-    /// Answer peers that have nothing of the document from the log, leaving it unloaded (the
-    /// find of a document nobody has open: no Automerge document is built). Only when every
-    /// input of the round is such a message and the log holds the document as a few raw
-    /// changes; otherwise the batch comes back for the ordinary round.
+    /// Store a document a peer sends whole while the log has nothing of it (its creation),
+    /// without building it in memory: see [`DocSync::take_new_document`]. Only for a round
+    /// of that one message from a peer that may write; otherwise the batch comes back for the
+    /// ordinary round. The copy stays unloaded, so the next round reads the log.
+    fn take_new_document(&mut self, batch: Vec<DocInput>) -> Result<(), Vec<DocInput>> {
+        let [DocInput::Sync { peer, msg, .. }] = batch.as_slice() else {
+            return Err(batch);
+        };
+        let ns = self
+            .namespace
+            .clone()
+            .unwrap_or_else(|| peer.new_ns.clone());
+        if !msg.has_changes
+            || !self.sync.is_empty()
+            || !peer.can_read(&ns)
+            || !peer.can_write(&ns)
+            || !matches!(self.relay.log.record(&self.id), Ok(None))
+        {
+            return Err(batch);
+        }
+        let conn = peer.conn;
+        let their_before = self.sync.their_heads(conn).map(<[_]>::to_vec);
+        let (changes, reply) = match self.sync.take_new_document(conn, msg) {
+            Ok(Some(taken)) => taken,
+            Ok(None) => return Err(batch),
+            Err(e) => {
+                self.error_to(peer, &format!("sync message refused: {e}"));
+                return Ok(());
+            }
+        };
+        let peer = peer.clone();
+        self.peers.insert(conn, peer.clone());
+        self.namespace = Some(ns.clone());
+        let persisted = self.persist(&ns, changes);
+        // The copy is empty and the log has the document: the next round reads it.
+        self.seen = 0;
+        self.set_loaded(false);
+        if let Err(e) = persisted {
+            tracing::warn!(doc = %self.id, error = %e, "changes from an automerge-repo peer were refused");
+            self.error_to(&peer, &format!("changes refused: {e}"));
+            self.sync.reset_peers();
+            self.namespace = None;
+            return Ok(());
+        }
+        if let Some(sid) = &peer.storage_id {
+            if self.sync.their_heads(conn) != their_before.as_deref() {
+                self.gossip_heads(vec![(sid.clone(), conn)]);
+            }
+        }
+        self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
+        peer.out.send(wire::sync(
+            &self.relay.peer_id,
+            &peer.out.peer_id,
+            &self.id,
+            reply,
+        ));
+        Ok(())
+    }
+
+    /// Answer from the log, leaving the document unloaded, a round of peers that have nothing
+    /// of it (the find of a document nobody has open) or that acknowledge having all of it
+    /// (the find's second message): no Automerge document is built. Only when every input of
+    /// the round is such a message (or an ephemeral message, or a peer leaving) and the log
+    /// holds the document as a few raw changes; otherwise the batch comes back for the
+    /// ordinary round.
     fn answer_from_log(&mut self, batch: Vec<DocInput>) -> Result<(), Vec<DocInput>> {
-        let fresh = |i: &DocInput| matches!(i, DocInput::Sync { msg, .. } if msg.from_empty_peer());
-        if batch.is_empty() || !batch.iter().all(fresh) {
+        let cheap = |i: &DocInput| match i {
+            DocInput::Sync { msg, .. } => msg.from_empty_peer() || msg.is_quiet(),
+            DocInput::Ephemeral { .. } | DocInput::Gone { .. } => true,
+        };
+        let syncs = batch
+            .iter()
+            .filter(|i| matches!(i, DocInput::Sync { .. }))
+            .count();
+        if syncs == 0 || !batch.iter().all(cheap) {
             return Err(batch);
         }
         let max = self.relay.cfg.answer_from_log_changes;
@@ -634,12 +705,25 @@ impl DocActor {
             _ => return Err(batch),
         };
         let (ns, logged) = logged;
+        let answerable = |i: &DocInput| match i {
+            DocInput::Sync { peer, msg, .. } => {
+                msg.from_empty_peer() || self.sync.acknowledges(peer.conn, msg, &logged)
+            }
+            _ => true,
+        };
+        if !batch.iter().all(answerable) {
+            return Err(batch);
+        }
         self.namespace = Some(ns.clone());
         let mut moved: Vec<(String, u64)> = Vec::new();
         let mut replies: Vec<(u64, Vec<u8>)> = Vec::new();
         for input in batch {
-            let DocInput::Sync { peer, msg, .. } = input else {
-                continue;
+            let (peer, msg) = match input {
+                DocInput::Sync { peer, msg, .. } => (peer, msg),
+                other => {
+                    self.relay_other(other);
+                    continue;
+                }
             };
             if !peer.can_read(&ns) {
                 self.refuse_read(&peer, &ns);
@@ -648,12 +732,16 @@ impl DocActor {
             let conn = peer.conn;
             self.peers.insert(conn, peer.clone());
             let their_before = self.sync.their_heads(conn).map(<[_]>::to_vec);
-            match self.sync.answer_empty_peer(conn, msg, &logged) {
-                Ok(reply) => replies.push((conn, reply)),
-                Err(e) => {
-                    self.error_to(&peer, &format!("sync message refused: {e}"));
-                    continue;
-                }
+            let answered = if msg.from_empty_peer() {
+                self.sync
+                    .answer_empty_peer(conn, msg, &logged)
+                    .map(|reply| replies.push((conn, reply)))
+            } else {
+                self.sync.answer_ack(conn, msg, &logged)
+            };
+            if let Err(e) = answered {
+                self.error_to(&peer, &format!("sync message refused: {e}"));
+                continue;
             }
             if let Some(sid) = &peer.storage_id {
                 if self.sync.their_heads(conn) != their_before.as_deref() {
@@ -674,6 +762,25 @@ impl DocActor {
             }
         }
         Ok(())
+    }
+
+    /// An input that needs no document: forward an ephemeral message to the document's other
+    /// peers, or forget a peer that left.
+    fn relay_other(&mut self, input: DocInput) {
+        match input {
+            DocInput::Ephemeral { conn, raw } => {
+                for (c, p) in &self.peers {
+                    if *c != conn {
+                        p.out.send(wire::readdress(&raw, &p.out.peer_id));
+                    }
+                }
+            }
+            DocInput::Gone { conn } => {
+                self.peers.remove(&conn);
+                self.sync.remove_peer(conn);
+            }
+            DocInput::Sync { .. } => {}
+        }
     }
 
     /// Tell the peers subscribed to a storage id that its heads of this document moved (what
@@ -1103,6 +1210,31 @@ mod tests {
         assert_eq!(reply.heads, doc.get_heads());
         client.receive_sync_message(&mut state, reply).unwrap();
         assert_eq!(client.get_heads(), doc.get_heads());
+        // The client acknowledges; that is taken from the log too, with nothing to send back.
+        // A second peer's find, answered after it, shows it was taken.
+        let mut ack = client.generate_sync_message(&mut state).unwrap();
+        ack.version = sync::MessageVersion::V1;
+        relay.route(doc_id, send(ack)).await;
+        let (tx2, mut rx2) = mpsc::channel(64);
+        let other = DocInput::Sync {
+            peer: test_peer(2, tx2),
+            msg: check_sync_message(
+                &automerge::Automerge::new()
+                    .generate_sync_message(&mut sync::State::new())
+                    .unwrap()
+                    .encode(),
+            )
+            .unwrap(),
+            request: true,
+        };
+        relay.route(doc_id, other).await;
+        sync_data(&next_frame(&mut rx2).await);
+        assert!(rx.try_recv().is_err(), "nothing for the acknowledgement");
+        assert_eq!(
+            relay.stats.docs_loaded.load(Ordering::SeqCst),
+            0,
+            "the acknowledgement was taken without loading the document"
+        );
 
         // The peer edits and syncs: now the relay loads the document and carries on from the
         // state the answer left, until it reports the peer's new heads.
