@@ -398,7 +398,9 @@ impl RelayLog {
             let actor_key_at =
                 |seq: u64| key(T_ACTOR, doc, &[&[actor_len], actor, &seq.to_be_bytes()]);
             let actor_key = actor_key_at(c.seq());
-            if self.backend.get(&actor_key)?.is_some() {
+            if in_batch_actor.contains(&(actor.to_vec(), c.seq()))
+                || self.backend.get(&actor_key)?.is_some()
+            {
                 return Err(PushError::HashMismatch {
                     index,
                     actor: hex::encode(actor),

@@ -165,7 +165,12 @@ async fn missing_history_and_reused_actor_seq_are_refused_and_store_nothing() {
         .unwrap();
     other.commit();
     let forged = other.get_changes(&[])[0].raw_bytes().to_vec();
-    let m = a.push("notes", doc, 3, vec![forged]).await;
+    let m = a.push("notes", doc, 3, vec![forged.clone()]).await;
+    assert_eq!(code_of(&m), Some(ErrorCode::HashMismatch), "{m:?}");
+    // Both in one push, to a new document: refused as well.
+    let m = a
+        .push("notes", DocId::random(), 5, vec![cs[0].clone(), forged])
+        .await;
     assert_eq!(code_of(&m), Some(ErrorCode::HashMismatch), "{m:?}");
     // A document's namespace is fixed by its first push.
     let t2 = token("ada", &[], &["notes", "other"], HOUR);

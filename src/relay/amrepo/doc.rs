@@ -29,6 +29,8 @@ pub struct CheckedSync {
     msg: sync::Message,
     /// Each change's hash and dependencies, in message order (known from the checks).
     graph: Vec<(ChangeHash, Vec<ChangeHash>)>,
+    /// Each change's actor and seq, in message order.
+    actor_seqs: Vec<(Vec<u8>, u64)>,
     /// Whether it carries changes (a write).
     pub has_changes: bool,
 }
@@ -48,14 +50,17 @@ pub fn check_sync_message(data: &[u8]) -> Result<CheckedSync, String> {
         check_bloom(&have.bloom.to_bytes())?;
     }
     let mut graph = Vec::with_capacity(msg.changes.len());
+    let mut actor_seqs = Vec::with_capacity(msg.changes.len());
     for (i, chunk) in msg.changes.iter().enumerate() {
         let c = parse_change(chunk).map_err(|e| format!("change {i} of the sync message: {e}"))?;
         graph.push((c.hash(), c.deps().to_vec()));
+        actor_seqs.push((c.actor_id().to_bytes().to_vec(), c.seq()));
     }
     let has_changes = !msg.changes.is_empty();
     Ok(CheckedSync {
         msg,
         graph,
+        actor_seqs,
         has_changes,
     })
 }
@@ -359,7 +364,13 @@ impl<P: Ord + Copy> DocSync<P> {
             && m.need.is_empty()
             && m.heads == logged.heads
             && m.have.iter().all(|h| at_heads(&h.last_sync))
-            && self.peers.get(&peer).is_some_and(|s| s.have_responded)
+            && self.has_answered(peer)
+    }
+
+    /// Whether `peer` was sent a message (a quiet message from any other peer cannot be an
+    /// [acknowledgement](Self::acknowledges)).
+    pub fn has_answered(&self, peer: P) -> bool {
+        self.peers.get(&peer).is_some_and(|s| s.have_responded)
     }
 
     /// Take a message that [`acknowledges`](Self::acknowledges) the logged document, leaving
@@ -406,7 +417,12 @@ impl<P: Ord + Copy> DocSync<P> {
         msg: &CheckedSync,
     ) -> Result<Option<NewDocument>, String> {
         let m = &msg.msg;
-        if !self.is_empty() || !self.received.is_empty() || m.changes.is_empty() {
+        // Other peers would be owed the new heads: the ordinary round tells them.
+        if !self.is_empty()
+            || !self.received.is_empty()
+            || m.changes.is_empty()
+            || self.peers.keys().any(|&p| p != peer)
+        {
             return Ok(None);
         }
         let index: HashMap<ChangeHash, usize> = msg
@@ -415,7 +431,11 @@ impl<P: Ord + Copy> DocSync<P> {
             .enumerate()
             .map(|(i, (h, _))| (*h, i))
             .collect();
-        let closed = index.len() == msg.graph.len()
+        // Automerge would refuse one actor's seq used twice (the log would too): let it say so.
+        let distinct_seqs =
+            msg.actor_seqs.iter().collect::<HashSet<_>>().len() == msg.actor_seqs.len();
+        let closed = distinct_seqs
+            && index.len() == msg.graph.len()
             && msg
                 .graph
                 .iter()
@@ -954,6 +974,51 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(!empty.has_peer(1), "nothing changed");
+        // One actor's seq used twice (two changes that are each a whole history).
+        let first = automerge::Change::from_bytes(changes[0].clone()).unwrap();
+        let mut twin = Automerge::new().with_actor(first.actor_id().clone());
+        let mut tx = twin.transaction();
+        tx.put(automerge::ROOT, "title", "another first change")
+            .unwrap();
+        tx.commit();
+        let twin = twin.get_changes(&[])[0].raw_bytes().to_vec();
+        let mut both = whole.clone();
+        both.changes = vec![changes[0].clone(), twin].into();
+        both.heads = Vec::new();
+        let mut heads: Vec<ChangeHash> = both
+            .changes
+            .iter()
+            .map(|c| automerge::Change::from_bytes(c.to_vec()).unwrap().hash())
+            .collect();
+        heads.sort();
+        both.heads = heads;
+        assert!(empty
+            .take_new_document(1, &as_sent(both, false))
+            .unwrap()
+            .is_none());
+        // The whole history alone is taken...
+        assert!(DocSync::<u8>::default()
+            .take_new_document(1, &with(&changes, vec![]))
+            .unwrap()
+            .is_some());
+        // ... but not while another peer syncs the document: it is owed the new heads too.
+        let mut watched: DocSync<u8> = DocSync::default();
+        watched
+            .receive(
+                2,
+                as_sent(
+                    Automerge::new()
+                        .generate_sync_message(&mut sync::State::new())
+                        .unwrap(),
+                    false,
+                ),
+                true,
+            )
+            .unwrap();
+        assert!(watched
+            .take_new_document(1, &with(&changes, vec![]))
+            .unwrap()
+            .is_none());
         let mut loaded: DocSync<u8> = DocSync::default();
         loaded.apply_log(None, &changes[..1]).unwrap();
         assert!(loaded

@@ -596,6 +596,11 @@ impl DocActor {
             }
         }
         self.gossip_heads(moved);
+        self.send_outgoing();
+    }
+
+    /// Send each peer the sync message it is owed.
+    fn send_outgoing(&mut self) {
         for (conn, data) in self.sync.outgoing() {
             if let Some(p) = self.peers.get(&conn) {
                 self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
@@ -643,14 +648,18 @@ impl DocActor {
         self.peers.insert(conn, peer.clone());
         self.namespace = Some(ns.clone());
         let persisted = self.persist(&ns, changes);
-        // The copy is empty and the log has the document: the next round reads it.
+        // The copy is empty and the log has the document: the next round reads it (into a
+        // fresh document: nothing Automerge may have queued before stays).
+        self.sync.unload();
         self.seen = 0;
         self.set_loaded(false);
         if let Err(e) = persisted {
             tracing::warn!(doc = %self.id, error = %e, "changes from an automerge-repo peer were refused");
             self.error_to(&peer, &format!("changes refused: {e}"));
+            // As in the ordinary round: the peer's sync starts over.
             self.sync.reset_peers();
             self.namespace = None;
+            self.send_outgoing();
             return Ok(());
         }
         if let Some(sid) = &peer.storage_id {
@@ -676,7 +685,9 @@ impl DocActor {
     /// ordinary round.
     fn answer_from_log(&mut self, batch: Vec<DocInput>) -> Result<(), Vec<DocInput>> {
         let cheap = |i: &DocInput| match i {
-            DocInput::Sync { msg, .. } => msg.from_empty_peer() || msg.is_quiet(),
+            DocInput::Sync { msg, peer, .. } => {
+                msg.from_empty_peer() || (msg.is_quiet() && self.sync.has_answered(peer.conn))
+            }
             DocInput::Ephemeral { .. } | DocInput::Gone { .. } => true,
         };
         let syncs = batch
