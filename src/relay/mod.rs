@@ -17,6 +17,7 @@ pub mod amrepo;
 pub mod auth;
 pub mod bus;
 pub mod log;
+pub mod memory;
 pub mod migrate;
 pub mod postgres;
 pub mod server;

@@ -77,6 +77,11 @@ pub struct RelayConfig {
     ///
     /// [`log::DEFAULT_CACHE_BYTES`]: super::log::DEFAULT_CACHE_BYTES
     pub cache_bytes: u64,
+    /// Return the allocator's free memory to the system when a burst of work ends
+    /// ([`memory::trim_when_quiet`]). Process-wide, so off by default; `tandem relay` sets it.
+    ///
+    /// [`memory::trim_when_quiet`]: super::memory::trim_when_quiet
+    pub trim_memory: bool,
 }
 
 impl RelayConfig {
@@ -104,6 +109,7 @@ impl RelayConfig {
             postgres: None,
             redis: None,
             cache_bytes: super::log::DEFAULT_CACHE_BYTES,
+            trim_memory: false,
         }
     }
 }
@@ -258,6 +264,16 @@ pub async fn start(
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .with_state(shared.clone());
+    if shared.cfg.trim_memory {
+        let weak = Arc::downgrade(&shared);
+        let activity = Arc::new(move || {
+            weak.upgrade().map_or(0, |s| {
+                s.stats.frames_in.load(Ordering::Relaxed)
+                    + s.amrepo.stats.sync_in.load(Ordering::Relaxed)
+            })
+        });
+        tokio::spawn(super::memory::trim_when_quiet(activity, shutdown.clone()));
+    }
     let mut stopped = shutdown.clone();
     let task = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {

@@ -1,0 +1,60 @@
+//! How a relay process hands memory back: glibc's allocator keeps what is freed, per arena, so
+//! a burst of work leaves a relay holding far more than it uses (see docs/performance.md,
+//! "RSS"). These are process-wide settings, so the `tandem relay` command turns them on and an
+//! application embedding the relay decides for itself. Elsewhere than Linux with glibc they do
+//! nothing.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+/// How often [`trim_when_quiet`] looks for the end of a burst.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Cap glibc's malloc arenas at one per four cores (at least one) instead of eight per core.
+/// The relay's threads mostly wait for the network and the disk, so they contend little for
+/// an arena, and each arena keeps its own freed memory. Call before any thread starts.
+pub fn limit_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let arenas = i32::try_from(cores.div_ceil(4)).unwrap_or(i32::MAX);
+        // SAFETY: mallopt only sets a tunable of the allocator; called before other threads.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, arenas);
+        }
+    }
+}
+
+/// Every [`TICK`], if `activity` moved since the last trim but not during the last tick (a
+/// burst of work just ended), return the allocator's free memory to the system
+/// (`malloc_trim`), on the blocking pool. Ends when `stop` turns true.
+pub async fn trim_when_quiet(
+    activity: Arc<dyn Fn() -> u64 + Send + Sync>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let mut last_tick = activity();
+    let mut last_trim = last_tick;
+    let mut ticks = tokio::time::interval(TICK);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = ticks.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        let now = activity();
+        if now == last_tick && now != last_trim {
+            last_trim = now;
+            let _ = tokio::task::spawn_blocking(trim).await;
+        }
+        last_tick = now;
+    }
+}
+
+/// Return free heap memory to the system.
+fn trim() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free memory; it is safe to call at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
