@@ -107,21 +107,13 @@ impl LoggedChanges {
         if changes.is_empty() {
             return Err("no changes".into());
         }
-        let mut hashes = Vec::with_capacity(changes.len());
-        let mut deps = HashSet::new();
+        let mut graph = Vec::with_capacity(changes.len());
         for c in &changes {
             let change = parse_change(c)?;
-            hashes.push(change.hash());
-            deps.extend(change.deps().iter().copied());
+            graph.push((change.hash(), change.deps().to_vec()));
         }
-        // Automerge's heads: the changes nothing depends on, sorted.
-        let mut heads: Vec<ChangeHash> = hashes
-            .iter()
-            .filter(|h| !deps.contains(h))
-            .copied()
-            .collect();
-        heads.sort_unstable();
-        heads.dedup();
+        let heads = heads_of(&graph);
+        let hashes = graph.into_iter().map(|(h, _)| h).collect();
         Ok(LoggedChanges {
             changes,
             hashes,
@@ -133,6 +125,20 @@ impl LoggedChanges {
     pub fn heads(&self) -> &[ChangeHash] {
         &self.heads
     }
+}
+
+/// The heads a set of changes (hash, dependencies) makes, as Automerge reports heads: the
+/// changes nothing among them depends on, sorted.
+fn heads_of(graph: &[(ChangeHash, Vec<ChangeHash>)]) -> Vec<ChangeHash> {
+    let depended: HashSet<&ChangeHash> = graph.iter().flat_map(|(_, d)| d).collect();
+    let mut heads: Vec<ChangeHash> = graph
+        .iter()
+        .map(|(h, _)| *h)
+        .filter(|h| !depended.contains(h))
+        .collect();
+    heads.sort_unstable();
+    heads.dedup();
+    heads
 }
 
 fn leb128(bytes: &mut &[u8]) -> Option<u64> {
@@ -443,14 +449,8 @@ impl<P: Ord + Copy> DocSync<P> {
         if !closed {
             return Ok(None);
         }
-        // The heads the changes make (what the document's would be), sorted as Automerge's.
-        let depended: HashSet<&ChangeHash> = msg.graph.iter().flat_map(|(_, d)| d).collect();
-        let mut heads: Vec<ChangeHash> = index
-            .keys()
-            .filter(|h| !depended.contains(h))
-            .copied()
-            .collect();
-        heads.sort_unstable();
+        // The heads the changes make (what the document's would be).
+        let heads = heads_of(&msg.graph);
         let mut their_heads = m.heads.clone();
         their_heads.sort_unstable();
         if their_heads != heads || !m.need.is_empty() {
@@ -738,6 +738,20 @@ mod tests {
     /// What an empty peer may send first: automerge-repo's `request` as the JavaScript
     /// package encodes it (flags: version 2, sync reset), this crate's own, one without flags,
     /// and one with no "have" at all.
+    /// Decode two replies and check they say the same but for their changes.
+    fn same_reply(ours: &[u8], theirs: &[u8]) -> (sync::Message, sync::Message) {
+        let (ours, theirs) = (
+            sync::Message::decode(ours).unwrap(),
+            sync::Message::decode(theirs).unwrap(),
+        );
+        assert_eq!(ours.heads, theirs.heads);
+        assert_eq!(ours.need, theirs.need);
+        assert_eq!(ours.have, theirs.have);
+        assert_eq!(ours.version, theirs.version);
+        assert_eq!(ours.flags, theirs.flags);
+        (ours, theirs)
+    }
+
     fn empty_peer_messages() -> Vec<Vec<u8>> {
         let js_request = hex::decode("42000001000000020284").unwrap();
         let ours = Automerge::new()
@@ -779,15 +793,7 @@ mod tests {
                 .unwrap();
             assert!(unloaded.is_empty(), "nothing was loaded");
             assert_eq!(unloaded.peers[&1], loaded.peers[&1], "the same sync state");
-            let (ours, theirs) = (
-                sync::Message::decode(&ours).unwrap(),
-                sync::Message::decode(&theirs).unwrap(),
-            );
-            assert_eq!(ours.heads, theirs.heads);
-            assert_eq!(ours.need, theirs.need);
-            assert_eq!(ours.have, theirs.have);
-            assert_eq!(ours.version, theirs.version);
-            assert_eq!(ours.flags, theirs.flags);
+            let (ours, theirs) = same_reply(&ours, &theirs);
             assert_eq!(ours.changes.is_empty(), theirs.changes.is_empty());
             // Either reply gives the peer the same document.
             let load = |m: &sync::Message| {
@@ -926,15 +932,7 @@ mod tests {
                 taken += 1;
                 assert!(fast.is_empty(), "nothing was built");
                 assert_eq!(fast.peers[&1], real.peers[&1], "the same sync state");
-                let (ours, theirs) = (
-                    sync::Message::decode(&reply).unwrap(),
-                    sync::Message::decode(&real_reply).unwrap(),
-                );
-                assert_eq!(ours.heads, theirs.heads);
-                assert_eq!(ours.need, theirs.need);
-                assert_eq!(ours.have, theirs.have);
-                assert_eq!(ours.version, theirs.version);
-                assert_eq!(ours.flags, theirs.flags);
+                let (ours, theirs) = same_reply(&reply, &real_reply);
                 assert!(ours.changes.is_empty() && theirs.changes.is_empty());
                 // The same changes, each after its dependencies.
                 let mut d = Automerge::new();

@@ -603,15 +603,20 @@ impl DocActor {
     fn send_outgoing(&mut self) {
         for (conn, data) in self.sync.outgoing() {
             if let Some(p) = self.peers.get(&conn) {
-                self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
-                p.out.send(wire::sync(
-                    &self.relay.peer_id,
-                    &p.out.peer_id,
-                    &self.id,
-                    data,
-                ));
+                self.send_sync(p, data);
             }
         }
+    }
+
+    /// Send `peer` a sync message of this document.
+    fn send_sync(&self, peer: &PeerCtx, data: Vec<u8>) {
+        self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
+        peer.out.send(wire::sync(
+            &self.relay.peer_id,
+            &peer.out.peer_id,
+            &self.id,
+            data,
+        ));
     }
 
     /// Store a document a peer sends whole while the log has nothing of it (its creation),
@@ -667,13 +672,7 @@ impl DocActor {
                 self.gossip_heads(vec![(sid.clone(), conn)]);
             }
         }
-        self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
-        peer.out.send(wire::sync(
-            &self.relay.peer_id,
-            &peer.out.peer_id,
-            &self.id,
-            reply,
-        ));
+        self.send_sync(&peer, reply);
         Ok(())
     }
 
@@ -763,13 +762,7 @@ impl DocActor {
         self.gossip_heads(moved);
         for (conn, data) in replies {
             if let Some(p) = self.peers.get(&conn) {
-                self.relay.stats.sync_out.fetch_add(1, Ordering::Relaxed);
-                p.out.send(wire::sync(
-                    &self.relay.peer_id,
-                    &p.out.peer_id,
-                    &self.id,
-                    data,
-                ));
+                self.send_sync(p, data);
             }
         }
         Ok(())
