@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::behind::Behind;
 use super::wal::{Op, Wal, LSN_KEY};
 use super::{StoreError, StoreOptions};
 
@@ -58,10 +59,12 @@ pub trait Backend: Send + Sync {
 /// flush sled and fdatasync its data file, where sled's own flush stops short of one.
 pub struct SledBackend {
     db: sled::Db,
-    tree: sled::Tree,
     data_file: Arc<File>,
     wal: Arc<Wal>,
+    /// What the log holds and sled does not yet (see `behind.rs`).
+    behind: Arc<Behind>,
     checkpointer: Option<std::thread::JoinHandle<()>>,
+    applier: Option<std::thread::JoinHandle<()>>,
     /// Declared last: leaves `OPEN_HERE` after sled's handles are dropped.
     _held: HeldFolder,
 }
@@ -163,18 +166,34 @@ impl SledBackend {
             );
         }
         let wal = Arc::new(replayed.wal);
+        let behind = Arc::new(Behind::new(tree));
+        let applier = {
+            let behind = behind.clone();
+            std::thread::Builder::new()
+                .name("tandem-apply".into())
+                .spawn(move || behind.run())?
+        };
         let checkpointer = {
             let (wal, db, data_file) = (wal.clone(), db.clone(), data_file.clone());
+            let behind = behind.clone();
             std::thread::Builder::new()
                 .name("tandem-checkpoint".into())
-                .spawn(move || wal.checkpoint_loop(|| flush_sled(&db, &data_file)))?
+                .spawn(move || {
+                    // sled takes what the overlay holds first: then it has every record of
+                    // the closed files.
+                    wal.checkpoint_loop(|| {
+                        behind.apply()?;
+                        flush_sled(&db, &data_file)
+                    })
+                })?
         };
         Ok(SledBackend {
             db,
-            tree,
             data_file,
             wal,
+            behind,
             checkpointer: Some(checkpointer),
+            applier: Some(applier),
             _held: held,
         })
     }
@@ -209,10 +228,17 @@ impl Drop for SledBackend {
     /// A clean close: sled takes in everything, and the log is no longer needed.
     fn drop(&mut self) {
         self.wal.stop();
-        if let Some(t) = self.checkpointer.take() {
+        self.behind.stop();
+        for t in [self.checkpointer.take(), self.applier.take()]
+            .into_iter()
+            .flatten()
+        {
             let _ = t.join();
         }
-        if self.wal.write_pending().is_ok() && flush_sled(&self.db, &self.data_file).is_ok() {
+        if self.wal.write_pending().is_ok()
+            && self.behind.apply().is_ok()
+            && flush_sled(&self.db, &self.data_file).is_ok()
+        {
             self.wal.remove_all();
         }
     }
@@ -220,45 +246,39 @@ impl Drop for SledBackend {
 
 impl Backend for SledBackend {
     fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.tree.get(key)?.map(|v| v.to_vec()))
+        self.behind.get(key)
     }
 
     fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
-        self.tree
-            .scan_prefix(prefix)
-            .map(|r| {
-                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(StoreError::from)
-            })
-            .collect()
+        self.behind.scan_from(prefix, prefix, usize::MAX)
     }
 
     fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.tree.scan_prefix(prefix).next_back() {
-            Some(r) => Ok(Some(r?.0.to_vec())),
-            None => Ok(None),
-        }
+        self.behind.last(prefix)
     }
 
     fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
-        self.tree
-            .range(start.to_vec()..)
-            .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)))
-            .take(limit)
-            .map(|r| {
-                r.map(|(k, v)| (k.to_vec(), v.to_vec()))
-                    .map_err(StoreError::from)
-            })
-            .collect()
+        self.behind.scan_from(prefix, start, limit)
     }
 
     fn write(&self, batch: Batch) -> Result<(), StoreError> {
-        self.wal
-            .append(batch.ops, |lsn, ops| apply_ops(&self.tree, lsn, ops))
+        let mut full = false;
+        self.wal.append(batch.ops, |lsn, ops| {
+            full = self.behind.put(lsn, ops)?;
+            Ok(())
+        })?;
+        if full {
+            // sled is far behind: catch it up here rather than let the overlay grow.
+            self.behind.apply()?;
+        }
+        Ok(())
     }
 
-    /// Durable once the write-ahead log is: sled is flushed by checkpoints.
+    /// Durable once the write-ahead log is: sled catches up behind it.
     fn sync(&self) -> Result<(), StoreError> {
+        if let Some(msg) = self.behind.failed() {
+            return Err(StoreError::Io(msg));
+        }
         self.wal.sync()
     }
 }

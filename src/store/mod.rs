@@ -21,6 +21,7 @@
 //! sled catches up in the background and the log is replayed into it on open.
 
 mod backend;
+mod behind;
 mod group_commit;
 mod wal;
 
