@@ -189,7 +189,7 @@ impl Behind {
         prefix: &[u8],
         start: &[u8],
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    ) -> Result<super::backend::Entries, StoreError> {
         let _r = self.read();
         let over = self.over_range(prefix, start);
         let from = start.max(prefix).to_vec();
