@@ -167,12 +167,6 @@ impl SledBackend {
         }
         let wal = Arc::new(replayed.wal);
         let behind = Arc::new(Behind::new(tree));
-        let applier = {
-            let behind = behind.clone();
-            std::thread::Builder::new()
-                .name("tandem-apply".into())
-                .spawn(move || behind.run())?
-        };
         let checkpointer = {
             let (wal, db, data_file) = (wal.clone(), db.clone(), data_file.clone());
             let behind = behind.clone();
@@ -186,6 +180,20 @@ impl SledBackend {
                         flush_sled(&db, &data_file)
                     })
                 })?
+        };
+        let applier = {
+            let (behind, wal) = (behind.clone(), wal.clone());
+            std::thread::Builder::new()
+                .name("tandem-apply".into())
+                .spawn(move || behind.run(|msg| wal.poison(msg)))
+        };
+        let applier = match applier {
+            Ok(t) => t,
+            Err(e) => {
+                wal.stop();
+                let _ = checkpointer.join();
+                return Err(e.into());
+            }
         };
         Ok(SledBackend {
             db,
@@ -236,7 +244,11 @@ impl Drop for SledBackend {
             let _ = t.join();
         }
         if self.wal.write_pending().is_ok()
-            && self.behind.apply().is_ok()
+            && self
+                .behind
+                .apply()
+                .inspect_err(|e| self.wal.poison(&e.to_string()))
+                .is_ok()
             && flush_sled(&self.db, &self.data_file).is_ok()
         {
             self.wal.remove_all();
@@ -262,14 +274,15 @@ impl Backend for SledBackend {
     }
 
     fn write(&self, batch: Batch) -> Result<(), StoreError> {
-        let mut full = false;
-        self.wal.append(batch.ops, |lsn, ops| {
-            full = self.behind.put(lsn, ops)?;
-            Ok(())
-        })?;
-        if full {
-            // sled is far behind: catch it up here rather than let the overlay grow.
-            self.behind.apply()?;
+        self.wal
+            .append(batch.ops, |lsn, ops| self.behind.put(lsn, ops))?;
+        if self.behind.full() {
+            // sled is far behind: catch it up here rather than let the overlay grow. The
+            // batch is written either way; a failure shows on the next write or sync.
+            if let Err(e) = self.behind.apply() {
+                tracing::error!("the store stops taking writes: {e}");
+                self.wal.poison(&e.to_string());
+            }
         }
         Ok(())
     }
@@ -320,7 +333,7 @@ impl Backend for MemoryBackend {
     fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
         let map = self.map.lock().unwrap_or_else(|p| p.into_inner());
         Ok(map
-            .range(start.to_vec()..)
+            .range(start.max(prefix).to_vec()..)
             .take_while(|(k, _)| k.starts_with(prefix))
             .take(limit)
             .map(|(k, v)| (k.clone(), v.clone()))

@@ -6,14 +6,18 @@
 //! a background thread applies everything the overlay holds to sled in one `apply_batch` a
 //! few milliseconds later, with the newest lsn. Reads look in the overlay before sled.
 //!
-//! Why this is as safe as applying each batch: sled still only ever takes whole groups of
-//! batches, in lsn order, each group atomically with its last lsn, so after a crash it holds
-//! the batches up to some lsn and replay adds the rest from the log. A checkpoint first
-//! applies the overlay, so no log file is deleted while sled lacks one of its records.
+//! Why this is as safe as applying each batch: sled takes whole groups of batches, in lsn
+//! order, each group atomically, and then the group's last lsn (a separate write, so a group
+//! sled took only in part, when it fails, never carries an lsn that would make replay skip
+//! it); after a crash it holds the batches up to some lsn, maybe more, and replay applies the
+//! rest from the log again. A checkpoint first applies the overlay, so no log file is deleted
+//! while sled lacks one of its records; when sled refuses a group, the log is poisoned (no
+//! more writes, no file deleted) and the next open replays everything.
 //!
-//! Readers see whole batches: a batch enters the overlay under one lock, and sled changes only
-//! while the applier holds `gate` for writing (readers hold it for reading across the
-//! overlay and sled lookups of one call).
+//! Readers see whole batches: a batch enters the overlay under one lock, and a group's keys
+//! stay in the overlay, masking sled, until sled has taken the group; they leave it only while
+//! the applier holds `gate` for writing (readers hold it for reading across the overlay and
+//! sled lookups of one call).
 
 use std::collections::BTreeMap;
 use std::sync::{Condvar, Mutex, MutexGuard, RwLock, RwLockReadGuard};
@@ -44,9 +48,16 @@ struct Overlay {
 pub(crate) struct Behind {
     overlay: Mutex<Overlay>,
     wake: Condvar,
-    /// Held for writing while sled changes, for reading across one read's two lookups.
+    /// Held for writing while keys leave the overlay, for reading across one read's lookups.
     gate: RwLock<()>,
+    /// One group at a time.
+    applying: Mutex<()>,
     tree: sled::Tree,
+}
+
+/// What an entry of the overlay counts for against [`MAX_BYTES`].
+fn weight(k: &[u8], v: &Option<Vec<u8>>) -> usize {
+    k.len() + v.as_ref().map_or(0, Vec::len) + 64
 }
 
 fn lock(m: &Mutex<Overlay>) -> MutexGuard<'_, Overlay> {
@@ -65,23 +76,26 @@ impl Behind {
             overlay: Mutex::new(Overlay::default()),
             wake: Condvar::new(),
             gate: RwLock::new(()),
+            applying: Mutex::new(()),
             tree,
         }
     }
 
     /// Take a logged batch (called under the log's lock, so lsns arrive in order).
-    pub(crate) fn put(&self, lsn: u64, ops: Vec<Op>) -> Result<bool, StoreError> {
+    pub(crate) fn put(&self, lsn: u64, ops: Vec<Op>) -> Result<(), StoreError> {
         let mut o = lock(&self.overlay);
         if let Some(msg) = &o.failed {
             return Err(StoreError::Io(msg.clone()));
         }
         for (k, v) in ops {
-            o.bytes += k.len() + v.as_ref().map_or(0, Vec::len) + 64;
-            o.ops.insert(k, (lsn, v));
+            o.bytes += weight(&k, &v);
+            if let Some((_, old)) = o.ops.insert(k.clone(), (lsn, v)) {
+                o.bytes -= weight(&k, &old);
+            }
         }
         o.lsn = lsn;
         self.wake.notify_one();
-        Ok(o.bytes > MAX_BYTES)
+        Ok(())
     }
 
     /// Whether sled refused a group (then nothing more is accepted).
@@ -89,9 +103,10 @@ impl Behind {
         lock(&self.overlay).failed.clone()
     }
 
-    /// Apply everything the overlay holds to sled, in one atomic batch with the newest lsn.
+    /// Apply everything the overlay holds to sled, in one atomic batch, then record its newest
+    /// lsn.
     pub(crate) fn apply(&self) -> Result<(), StoreError> {
-        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
+        let _one = self.applying.lock().unwrap_or_else(|p| p.into_inner());
         let (lsn, batch) = {
             let o = lock(&self.overlay);
             if let Some(msg) = &o.failed {
@@ -107,11 +122,15 @@ impl Behind {
                     None => b.remove(k.as_slice()),
                 }
             }
-            b.insert(LSN_KEY, &o.lsn.to_be_bytes());
             (o.lsn, b)
         };
-        // Batches that arrive meanwhile carry newer lsns and stay in the overlay.
-        let applied = self.tree.apply_batch(batch);
+        // Readers meanwhile still find every key of the group in the overlay; batches that
+        // arrive meanwhile carry newer lsns and stay there.
+        let applied = self
+            .tree
+            .apply_batch(batch)
+            .and_then(|()| self.tree.insert(LSN_KEY, &lsn.to_be_bytes()).map(drop));
+        let _gate = self.gate.write().unwrap_or_else(|p| p.into_inner());
         let mut o = lock(&self.overlay);
         if let Err(e) = applied {
             let msg = format!("sled refused a batch ({e}); reopen the store");
@@ -119,17 +138,18 @@ impl Behind {
             return Err(StoreError::Io(msg));
         }
         o.ops.retain(|_, (l, _)| *l > lsn);
-        o.bytes = o
-            .ops
-            .iter()
-            .map(|(k, (_, v))| k.len() + v.as_ref().map_or(0, Vec::len) + 64)
-            .sum();
+        o.bytes = o.ops.iter().map(|(k, (_, v))| weight(k, v)).sum();
         Ok(())
+    }
+
+    /// Whether the overlay is past [`MAX_BYTES`] (a writer then applies it itself).
+    pub(crate) fn full(&self) -> bool {
+        lock(&self.overlay).bytes > MAX_BYTES
     }
 
     /// The applier's loop: wait for a batch, let more gather for [`DELAY`], apply. Returns
     /// after [`stop`](Self::stop) (the overlay is left for the closer to apply).
-    pub(crate) fn run(&self) {
+    pub(crate) fn run(&self, failed: impl Fn(&str)) {
         loop {
             {
                 let mut o = lock(&self.overlay);
@@ -143,6 +163,7 @@ impl Behind {
             std::thread::sleep(DELAY);
             if let Err(e) = self.apply() {
                 tracing::error!("the store stops taking writes: {e}");
+                failed(&e.to_string());
                 return;
             }
         }
@@ -164,15 +185,25 @@ impl Behind {
         }
     }
 
-    /// The overlay's writes to keys starting with `prefix` and ≥ `start`, in key order.
-    fn over_range(&self, prefix: &[u8], start: &[u8]) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let from = start.max(prefix).to_vec();
-        lock(&self.overlay)
-            .ops
-            .range(from..)
-            .take_while(|(k, _)| k.starts_with(prefix))
-            .map(|(k, (_, v))| (k.clone(), v.clone()))
-            .collect()
+    /// The overlay's writes to keys that start with `prefix` and are ≥ `start`, in key order,
+    /// up to the `limit`-th that is not a removal (no later one can be read).
+    fn over_range(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let o = lock(&self.overlay);
+        let mut out = Vec::new();
+        let mut values = 0;
+        for (k, (_, v)) in o.ops.range(start.max(prefix).to_vec()..) {
+            if !k.starts_with(prefix) || values == limit {
+                break;
+            }
+            values += usize::from(v.is_some());
+            out.push((k.clone(), v.clone()));
+        }
+        out
     }
 
     pub(crate) fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
@@ -191,11 +222,10 @@ impl Behind {
         limit: usize,
     ) -> Result<super::backend::Entries, StoreError> {
         let _r = self.read();
-        let over = self.over_range(prefix, start);
-        let from = start.max(prefix).to_vec();
+        let over = self.over_range(prefix, start, limit);
         let sled = self
             .tree
-            .range(from..)
+            .range(start.max(prefix).to_vec()..)
             .take_while(|r| r.as_ref().map_or(true, |(k, _)| k.starts_with(prefix)));
         let mut out = Vec::new();
         let mut over = over.into_iter().peekable();
@@ -230,22 +260,20 @@ impl Behind {
     /// The greatest key starting with `prefix`.
     pub(crate) fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let _r = self.read();
-        let over = self.over_range(prefix, prefix);
-        let over_last = over
-            .iter()
-            .rev()
-            .find(|(_, v)| v.is_some())
-            .map(|(k, _)| k.clone());
+        let over_last = {
+            let o = lock(&self.overlay);
+            o.ops
+                .range(prefix.to_vec()..)
+                .take_while(|(k, _)| k.starts_with(prefix))
+                .filter(|(_, (_, v))| v.is_some())
+                .map(|(k, _)| k.clone())
+                .last()
+        };
         // sled's greatest key the overlay has not removed.
-        let removed: std::collections::HashSet<&[u8]> = over
-            .iter()
-            .filter(|(_, v)| v.is_none())
-            .map(|(k, _)| k.as_slice())
-            .collect();
         let mut sled_last = None;
         for r in self.tree.scan_prefix(prefix).rev() {
             let (k, _) = r?;
-            if !removed.contains(k.as_ref()) {
+            if !matches!(self.seen(&k), Seen::Over(None)) {
                 sled_last = Some(k.to_vec());
                 break;
             }
@@ -299,6 +327,7 @@ mod tests {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 assert_eq!(behind.scan_from(prefix, prefix, usize::MAX).unwrap(), all);
+                // Keys with the prefix that are ≥ `start` (which may lie before the prefix).
                 let start = key(15);
                 let from: Vec<_> = all
                     .iter()

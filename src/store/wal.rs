@@ -1,16 +1,18 @@
 //! The write-ahead log in front of sled: what makes a batch durable.
 //!
 //! sled's `flush` costs more than a small append and grows with what it flushes, so a
-//! durable write does not wait for it. Each batch is applied to sled in memory *and*
-//! appended to a log file of our own; making writes durable is one `write` + `fdatasync` of
-//! that file, shared by every batch of a group commit. sled catches up in the background: a
-//! log file that grew past [`ROTATE_BYTES`] is closed, sled is flushed (and its data file
+//! durable write does not wait for it. Each batch is appended to a log file of our own and
+//! handed to sled's overlay (`behind.rs`: sled takes it a few milliseconds later, many batches
+//! at once); making writes durable is one `write` + `fdatasync` of that file, shared by every
+//! batch of a group commit. sled catches up in the background: a log file that grew past
+//! [`ROTATE_BYTES`] is closed, sled takes the overlay and is flushed (and its data file
 //! fdatasynced), and then the closed file is deleted. On open, the files left are replayed.
 //!
-//! Replay must not take sled back in time. sled recovers a prefix of the batches it was
-//! given (batches are atomic), possibly a longer one than the log made durable, so every
-//! batch carries its log sequence number into sled under [`LSN_KEY`], and replay skips the
-//! records sled already holds.
+//! Replay must not take sled back in time. sled recovers a prefix of the groups of batches it
+//! was given (each group atomic), possibly a longer one than the log made durable; after each
+//! group sled records the group's last log sequence number under [`LSN_KEY`], and replay skips
+//! the records up to it. (A group whose lsn did not make it is replayed again: the same writes
+//! in the same order, so nothing changes.)
 //!
 //! A file is extended with zeros ahead of its records, a megabyte at a time; the first
 //! all-zero record header ends it.
@@ -186,8 +188,8 @@ impl Wal {
         })
     }
 
-    /// Take the next lsn, let `apply` put the batch into sled with it, then append the
-    /// record. One lock around both keeps the log's order the order sled saw.
+    /// Take the next lsn, let `apply` hand the batch on (to sled's overlay) with it, then
+    /// append the record. One lock around both keeps the log's order the order sled sees.
     pub(crate) fn append(
         &self,
         ops: Vec<Op>,
@@ -321,8 +323,8 @@ impl Wal {
                 }
                 std::mem::take(&mut st.closed)
             };
-            // Every record of a closed file was applied to sled before it was closed, so
-            // this flush covers them all.
+            // Every record of a closed file was handed on before it was closed, and the
+            // flush first makes sled take everything handed on, so it covers them all.
             match flush_sled() {
                 Ok(()) => {
                     for index in closed {
@@ -349,6 +351,14 @@ impl Wal {
                 }
             }
         }
+    }
+
+    /// sled could not take what the log holds: accept nothing more and delete no log file
+    /// (the next open replays them).
+    pub(crate) fn poison(&self, msg: &str) {
+        let mut st = lock(&self.state);
+        st.failed.get_or_insert_with(|| msg.to_string());
+        st.checkpoint_failed = true;
     }
 
     pub(crate) fn stop(&self) {
