@@ -37,8 +37,10 @@ const MAX_BYTES: usize = 32 << 20;
 struct Overlay {
     /// Key → (lsn of its newest write, the value or a removal).
     ops: BTreeMap<Vec<u8>, (u64, Option<Vec<u8>>)>,
-    /// The newest lsn in `ops`.
+    /// The newest lsn taken (its batch may have had no ops, or been overwritten since).
     lsn: u64,
+    /// The lsn sled last recorded.
+    applied: u64,
     bytes: usize,
     /// sled refused a group: no more writes.
     failed: Option<String>,
@@ -112,7 +114,9 @@ impl Behind {
             if let Some(msg) = &o.failed {
                 return Err(StoreError::Io(msg.clone()));
             }
-            if o.ops.is_empty() {
+            // Even a batch with no ops moves sled's lsn: a checkpoint after it must leave
+            // replay no gap.
+            if o.ops.is_empty() && o.lsn == o.applied {
                 return Ok(());
             }
             let mut b = sled::Batch::default();
@@ -138,6 +142,7 @@ impl Behind {
             return Err(StoreError::Io(msg));
         }
         o.ops.retain(|_, (l, _)| *l > lsn);
+        o.applied = lsn;
         o.bytes = o.ops.iter().map(|(k, (_, v))| weight(k, v)).sum();
         Ok(())
     }
@@ -347,6 +352,13 @@ mod tests {
         assert_eq!(
             behind.tree.get(LSN_KEY).unwrap().unwrap().as_ref(),
             &400u64.to_be_bytes()
+        );
+        // A batch with nothing in it still moves sled's lsn (replay must find no gap).
+        behind.put(401, Vec::new()).unwrap();
+        behind.apply().unwrap();
+        assert_eq!(
+            behind.tree.get(LSN_KEY).unwrap().unwrap().as_ref(),
+            &401u64.to_be_bytes()
         );
     }
 }
