@@ -10,17 +10,21 @@ use std::time::Duration;
 /// How often [`trim_when_quiet`] looks for the end of a burst.
 const TICK: Duration = Duration::from_millis(200);
 
-/// Cap glibc's malloc arenas at one per four cores (at least one) instead of eight per core.
-/// The relay's threads mostly wait for the network and the disk, so they contend little for
-/// an arena, and each arena keeps its own freed memory. Call before any thread starts.
+/// Cap glibc's malloc arenas at one per four cores (at least one) instead of eight per core,
+/// and map blocks of 256 KiB and more on their own whatever was freed before. The relay's
+/// threads mostly wait for the network and the disk, so they contend little for an arena, and
+/// each arena keeps its own freed memory; and glibc otherwise raises its mapping threshold
+/// after the first large free, so that sled's 512 KiB I/O buffers then come from the heap and
+/// stay there when freed. Call before any thread starts.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
         let arenas = i32::try_from(cores.div_ceil(4)).unwrap_or(i32::MAX);
-        // SAFETY: mallopt only sets a tunable of the allocator; called before other threads.
+        // SAFETY: mallopt only sets tunables of the allocator; called before other threads.
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, arenas);
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
         }
     }
 }
