@@ -16,7 +16,7 @@ const TICK: Duration = Duration::from_millis(200);
 /// each arena keeps its own freed memory; and glibc otherwise raises its mapping threshold
 /// after the first large free, so that sled's 512 KiB I/O buffers then come from the heap and
 /// stay there when freed. Call before any thread starts.
-pub fn limit_arenas() {
+pub fn tune_allocator() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     {
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());

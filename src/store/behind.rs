@@ -100,11 +100,6 @@ impl Behind {
         Ok(())
     }
 
-    /// Whether sled refused a group (then nothing more is accepted).
-    pub(crate) fn failed(&self) -> Option<String> {
-        lock(&self.overlay).failed.clone()
-    }
-
     /// Apply everything the overlay holds to sled, in one atomic batch, then record its newest
     /// lsn.
     pub(crate) fn apply(&self) -> Result<(), StoreError> {

@@ -222,7 +222,7 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
     cfg.cache_bytes = args.cache_mb.saturating_mul(1 << 20).max(1 << 20);
     // A relay process hands back what a burst of work leaves free (docs/operations.md).
     cfg.trim_memory = true;
-    tandem::relay::memory::limit_arenas();
+    tandem::relay::memory::tune_allocator();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let handle = start(cfg)
