@@ -74,6 +74,18 @@ fn bare_sled(n: usize, fsync: bool) -> Vec<Duration> {
     samples
 }
 
+/// CPU time of this process so far (user + system, every thread).
+fn process_cpu() -> Duration {
+    let mut ru = std::mem::MaybeUninit::<libc::rusage>::zeroed();
+    // SAFETY: getrusage fills the struct it is given; RUSAGE_SELF is always valid.
+    let ru = unsafe {
+        libc::getrusage(libc::RUSAGE_SELF, ru.as_mut_ptr());
+        ru.assume_init()
+    };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
 fn repo_writes(n: usize, fsync: bool) -> Vec<Duration> {
     let dir = tempfile::tempdir().unwrap();
     let mut opts = RepoOptions::new("bench").schema(schema());
@@ -126,6 +138,12 @@ fn single_writes() {
 
 fn concurrent_writes() {
     for (writers, fsync) in [(8usize, true), (8, false)] {
+        if std::env::var("XP_ON").is_ok() && !fsync {
+            continue;
+        }
+        if std::env::var("XP_OFF").is_ok() && fsync {
+            continue;
+        }
         let dir = tempfile::tempdir().unwrap();
         let mut opts = RepoOptions::new("bench").schema(schema());
         opts.store.fsync = fsync;
@@ -134,6 +152,7 @@ fn concurrent_writes() {
         let ids: Vec<_> = (0..writers)
             .map(|_| repo.create("note", json!({"title": "w"})).unwrap())
             .collect();
+        let cpu0 = process_cpu();
         let t = Instant::now();
         let handles: Vec<_> = ids
             .into_iter()
@@ -151,6 +170,7 @@ fn concurrent_writes() {
             h.join().unwrap();
         }
         let el = t.elapsed();
+        let cpu = process_cpu() - cpu0;
         let total = writers * per;
         let (tickets, flushes) = repo.store().flush_counts();
         row(
@@ -160,9 +180,10 @@ fn concurrent_writes() {
             ),
             format!("{:.0} changes/s", total as f64 / el.as_secs_f64()),
             &format!(
-                "{total} durable changes in {}; {:.1} writes per flush",
+                "{total} durable changes in {}; {:.1} writes per flush; {} CPU per change",
                 ms(el),
-                tickets as f64 / flushes.max(1) as f64
+                tickets as f64 / flushes.max(1) as f64,
+                us(cpu / total as u32)
             ),
         );
     }
