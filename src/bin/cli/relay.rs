@@ -223,6 +223,7 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
     // A relay process hands back what a burst of work leaves free (docs/operations.md).
     cfg.trim_memory = true;
     tandem::relay::memory::tune_allocator();
+    tandem::relay::memory::map_code_sparsely();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async move {
         let handle = start(cfg)
