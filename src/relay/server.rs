@@ -25,7 +25,7 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::serve::ListenerExt;
 use axum::Router;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::sync::{mpsc, watch, Notify, Semaphore};
 
 use super::amrepo::{AmConfig, AmRelay};
@@ -535,31 +535,52 @@ async fn connection(
         session: Some(session),
         presence_rate_limited: 0,
     };
-    let mut ok = conn.step(|s, log| s.greet(log)).await;
+    let mut ok = conn.step(false, |s, log| s.greet(log)).await;
     let mut shutdown = shared.shutdown.clone();
+    // A frame read ahead of its turn (see below).
+    let mut ahead = None;
     while ok {
-        tokio::select! {
-            _ = ended.notified() => ok = false,
-            frame = tokio::time::timeout(shared.cfg.idle_timeout, stream.next()) => {
-                match frame {
-                    Ok(Some(Ok(Message::Binary(b)))) => {
-                        shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
-                        shared.stats.bytes_in.fetch_add(b.len() as u64, Ordering::Relaxed);
-                        ok = conn.step(move |s, log| s.handle_frame(log, Instant::now(), &b)).await;
-                    }
-                    Ok(Some(Ok(Message::Text(_)))) => {
-                        ok = conn.step(|s, _| s.handle_text_frame()).await;
-                    }
-                    Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => {}
-                    // Closed, broken, or idle past the timeout.
-                    _ => ok = false,
+        let frame = match ahead.take() {
+            Some(frame) => frame,
+            None => tokio::select! {
+                _ = ended.notified() => break,
+                frame = tokio::time::timeout(shared.cfg.idle_timeout, stream.next()) => match frame {
+                    Ok(frame) => frame,
+                    // Idle past the timeout.
+                    Err(_) => break,
+                },
+                _ = close.notified() => {
+                    shared.stats.slow_closed.fetch_add(1, Ordering::Relaxed);
+                    break;
                 }
+                _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => break,
+            },
+        };
+        match frame {
+            Some(Ok(Message::Binary(b))) => {
+                shared.stats.frames_in.fetch_add(1, Ordering::Relaxed);
+                shared
+                    .stats
+                    .bytes_in
+                    .fetch_add(b.len() as u64, Ordering::Relaxed);
+                // With no next frame waiting, a push is made durable in its own step: the
+                // answer goes out without a hop through another blocking thread. With more
+                // frames waiting, the dispatcher waits for durability while they are read,
+                // so that this connection's pushes share a flush.
+                ahead = stream.next().now_or_never();
+                let inline = ahead.is_none();
+                ok = conn
+                    .step(inline, move |s, log| {
+                        s.handle_frame(log, Instant::now(), &b)
+                    })
+                    .await;
             }
-            _ = close.notified() => {
-                shared.stats.slow_closed.fetch_add(1, Ordering::Relaxed);
-                ok = false;
+            Some(Ok(Message::Text(_))) => {
+                ok = conn.step(false, |s, _| s.handle_text_frame()).await;
             }
-            _ = async { shutdown.wait_for(|s| *s).await.map(|_| ()) } => ok = false,
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {}
+            // Closed or broken.
+            _ => ok = false,
         }
     }
     // The others present in this connection's documents hear that it left.
@@ -596,8 +617,12 @@ struct Outbound {
 impl Connection {
     /// Run one session call on the blocking pool (the relay log blocks on sled), then carry
     /// out its effects. `false` ends the connection.
+    /// With `durable`, a step that wrote also waits for the log to be durable (on the same
+    /// blocking thread) and drops its [`Effect::AwaitDurable`]s: they are met. (If that fails
+    /// they stay, and the dispatcher meets the failure as always.)
     async fn step(
         &mut self,
+        durable: bool,
         f: impl FnOnce(&mut RelaySession, &dyn RelayStore) -> Vec<Effect> + Send + 'static,
     ) -> bool {
         let Some(mut session) = self.session.take() else {
@@ -605,7 +630,13 @@ impl Connection {
         };
         let log = self.shared.log.clone();
         let done = tokio::task::spawn_blocking(move || {
-            let effects = f(&mut session, &*log);
+            let mut effects = f(&mut session, &*log);
+            if durable
+                && effects.iter().any(|e| matches!(e, Effect::AwaitDurable))
+                && log.durable().is_ok()
+            {
+                effects.retain(|e| !matches!(e, Effect::AwaitDurable));
+            }
             (session, effects)
         })
         .await;
