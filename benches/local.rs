@@ -138,12 +138,6 @@ fn single_writes() {
 
 fn concurrent_writes() {
     for (writers, fsync) in [(8usize, true), (8, false)] {
-        if std::env::var("XP_ON").is_ok() && !fsync {
-            continue;
-        }
-        if std::env::var("XP_OFF").is_ok() && fsync {
-            continue;
-        }
         let dir = tempfile::tempdir().unwrap();
         let mut opts = RepoOptions::new("bench").schema(schema());
         opts.store.fsync = fsync;

@@ -1,8 +1,8 @@
 //! How a relay process hands memory back: glibc's allocator keeps what is freed, per arena, so
 //! a burst of work leaves a relay holding far more than it uses (see docs/performance.md,
 //! "RSS"). These are process-wide settings, so the `tandem relay` command turns them on and an
-//! application embedding the relay decides for itself. Elsewhere than Linux with glibc they do
-//! nothing.
+//! application embedding the relay decides for itself. The allocator's settings do nothing
+//! elsewhere than Linux with glibc, and the code mapping nothing elsewhere than Linux.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,9 +31,11 @@ pub fn tune_allocator() {
 
 /// Map the executable's pages one at a time as they are first used. The kernel otherwise maps
 /// 64 KiB around each page a fault brings in ("fault-around"), so every function the relay
-/// ever calls keeps its neighbours resident too. Asking for random access on the
-/// executable's mappings turns that off (Linux 6.4 and later; elsewhere it changes nothing).
-/// The cost is a few more minor faults while the relay warms up.
+/// ever calls keeps its neighbours resident too. Asking for random access on the executable's
+/// mappings turns that off on kernels that honour it for fault-around (6.18 here does). Random
+/// access also turns readahead off, so the executable is first asked into the page cache
+/// (`MADV_WILLNEED`, which reads ahead without mapping anything): a relay started on a cold
+/// cache then takes minor faults, not a disk read per page. Linux only.
 pub fn map_code_sparsely() {
     #[cfg(target_os = "linux")]
     {
@@ -64,7 +66,9 @@ pub fn map_code_sparsely() {
             // SAFETY: an advice about a mapping of this process's own executable, as the
             // kernel listed it; it changes how pages are brought in, not what they hold.
             unsafe {
-                libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_RANDOM);
+                let addr = start as *mut libc::c_void;
+                libc::madvise(addr, end - start, libc::MADV_WILLNEED);
+                libc::madvise(addr, end - start, libc::MADV_RANDOM);
             }
         }
     }

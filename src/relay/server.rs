@@ -541,7 +541,18 @@ async fn connection(
     let mut ahead = None;
     while ok {
         let frame = match ahead.take() {
-            Some(frame) => frame,
+            // Frames arriving back to back skip the wait below: look for its other reasons to
+            // stop here (both notifications are `notify_one`, so they wait as permits).
+            Some(frame) => {
+                if ended.notified().now_or_never().is_some() || *shutdown.borrow() {
+                    break;
+                }
+                if close.notified().now_or_never().is_some() {
+                    shared.stats.slow_closed.fetch_add(1, Ordering::Relaxed);
+                    break;
+                }
+                frame
+            }
             None => tokio::select! {
                 _ = ended.notified() => break,
                 frame = tokio::time::timeout(shared.cfg.idle_timeout, stream.next()) => match frame {
@@ -615,11 +626,11 @@ struct Outbound {
 }
 
 impl Connection {
-    /// Run one session call on the blocking pool (the relay log blocks on sled), then carry
-    /// out its effects. `false` ends the connection.
-    /// With `durable`, a step that wrote also waits for the log to be durable (on the same
-    /// blocking thread) and drops its [`Effect::AwaitDurable`]s: they are met. (If that fails
-    /// they stay, and the dispatcher meets the failure as always.)
+    /// Run one session call on the blocking pool (the relay log blocks on sled), then queue its
+    /// effects to the dispatcher. `false` ends the connection. With `durable`, a step that
+    /// wrote also waits for the log to be durable (on the same blocking thread) and drops its
+    /// [`Effect::AwaitDurable`]s: they are met. (If that fails they stay, and the dispatcher
+    /// meets the failure as always.)
     async fn step(
         &mut self,
         durable: bool,

@@ -158,14 +158,13 @@ pub struct Store {
     commit: GroupCommit,
     path: Option<PathBuf>,
     device: DeviceId,
-    /// Per document, a seq above every journal entry it has: the journal's greatest key, read
-    /// once, then kept up by each append (entries are only ever added above it, or removed
-    /// below it by compaction). Reading that key on every append cost ~15% of a small write.
+    /// Per document written since open, a seq above every journal entry it has: the
+    /// journal's greatest key, read once, then moved past the seqs each append takes before
+    /// it writes them (entries are only ever added that way, or removed below it by
+    /// compaction). Reading that key on every append cost ~15% of a small write. ~40 bytes
+    /// per document.
     next_seqs: Mutex<HashMap<DocId, u64>>,
 }
-
-/// Past this many documents [`Store::next_seqs`] starts over (each entry is ~40 bytes).
-const NEXT_SEQS_MAX: usize = 100_000;
 
 fn now_ms() -> i64 {
     SystemTime::now()
@@ -448,18 +447,31 @@ impl Store {
         let mut batch = Batch::default();
         let now = now_ms();
         let mut seqs = Vec::with_capacity(changes.len());
-        // The journal itself says which seqs are taken: a stale copy of the metadata must never
-        // make a write overwrite an earlier one.
+        // The journal says which seqs are taken (read once per document, then kept in
+        // `next_seqs`): a stale copy of the metadata must never make a write overwrite an
+        // earlier one. The seqs are reserved before the batch is written, so a concurrent
+        // append to the same document takes later ones.
         let known = self.next_seqs().get(doc).copied();
-        let last = match known {
-            Some(n) => n,
+        let journal = match known {
+            Some(_) => 0,
             None => self
                 .backend
                 .last(&key(T_CHANGE, doc, &[]))?
                 .and_then(|k| be_u64(k.get(17..)?))
                 .map_or(0, |s| s + 1),
         };
-        let mut next = meta.next_seq.max(meta.snapshot_covers).max(last).max(1);
+        let mut next = {
+            let mut reserved = self.next_seqs();
+            let taken = reserved.entry(*doc).or_default();
+            let first = meta
+                .next_seq
+                .max(meta.snapshot_covers)
+                .max(journal)
+                .max(*taken)
+                .max(1);
+            *taken = first + changes.len() as u64;
+            first
+        };
         for c in changes {
             if c.len() > MAX_CHANGE_BYTES {
                 return Err(StoreError::Corrupt(format!(
@@ -486,17 +498,7 @@ impl Store {
             meta.oldest_pending_ms.get_or_insert(now);
         }
         batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
-        let written = self.commit.write(&*self.backend, batch);
-        // Even after a failed write: those seqs may be taken.
-        {
-            let mut known = self.next_seqs();
-            if known.len() >= NEXT_SEQS_MAX && !known.contains_key(doc) {
-                known.clear();
-            }
-            let n = known.entry(*doc).or_default();
-            *n = (*n).max(next);
-        }
-        written?;
+        self.commit.write(&*self.backend, batch)?;
         self.durable()?;
         Ok(seqs)
     }
@@ -702,11 +704,12 @@ mod tests {
         };
         let doc = DocId::random();
         let change = |i: u8| vec![i; 10];
-        let stale = DocMeta::default();
         let mut all = Vec::new();
+        let stale_after_compaction;
         {
             let store = Store::open(dir.path(), opts.clone()).unwrap();
             let mut meta = DocMeta::default();
+            let stale = meta.clone();
             all.extend(
                 store
                     .append(&doc, &mut meta, &[change(1), change(2)], true)
@@ -723,31 +726,23 @@ mod tests {
             all.extend(store.append(&doc, &mut meta, &[change(4)], false).unwrap());
             let covers = meta.next_seq;
             store.compact(&doc, &mut meta, b"snapshot", covers).unwrap();
-            all.extend(
-                store
-                    .append(&doc, &mut stale.clone(), &[change(5)], false)
-                    .unwrap(),
-            );
+            stale_after_compaction = meta.clone();
+            all.extend(store.append(&doc, &mut meta, &[change(5)], false).unwrap());
+            let mut stale = stale_after_compaction.clone();
+            all.extend(store.append(&doc, &mut stale, &[change(6)], false).unwrap());
         }
         let store = Store::open(dir.path(), opts).unwrap();
-        all.extend(
-            store
-                .append(&doc, &mut stale.clone(), &[change(6)], false)
-                .unwrap(),
-        );
+        let mut stale = stale_after_compaction.clone();
+        all.extend(store.append(&doc, &mut stale, &[change(7)], false).unwrap());
         let mut sorted = all.clone();
         sorted.sort_unstable();
         sorted.dedup();
         assert_eq!(sorted, all, "seqs given twice or out of order: {all:?}");
-        let journal: Vec<Vec<u8>> = store
-            .load(&doc)
-            .unwrap()
-            .unwrap()
-            .tail
-            .into_iter()
-            .map(|(_, c)| c)
-            .collect();
-        for i in [1, 2, 3, 5, 6] {
+        let stored = store.load(&doc).unwrap().unwrap();
+        assert_eq!(stored.snapshot.as_deref(), Some(&b"snapshot"[..]));
+        let journal: Vec<Vec<u8>> = stored.tail.into_iter().map(|(_, c)| c).collect();
+        // 1–3 are local (kept for the outbox), 4 is in the snapshot.
+        for i in [1, 2, 3, 5, 6, 7] {
             assert!(journal.contains(&change(i)), "change {i} lost: {journal:?}");
         }
     }

@@ -423,3 +423,63 @@ async fn a_compacted_log_is_served_as_snapshot_then_tail() {
     );
     relay.shutdown().await.unwrap();
 }
+
+/// A device flooding the relay with pushes (the next frame often already waiting, so the
+/// connection reads ahead) still lets the relay shut down promptly.
+#[tokio::test]
+async fn a_connection_pushing_back_to_back_still_stops_on_shutdown() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+
+    let relay = relay(None).await;
+    let t = token("ada", &[], &["notes"], HOUR);
+    let raw = Raw::open(relay.addr, &t).await;
+    // New documents of 20 changes each (real appends), sent without waiting for the acks.
+    let cs = changes(20);
+    let frames: Vec<Vec<u8>> = (0..2_000)
+        .map(|i| {
+            tandem::transport::codec::encode(
+                &ClientMsg::Push {
+                    namespace: "notes".into(),
+                    doc: DocId::random(),
+                    batch: i,
+                    changes: cs.clone(),
+                },
+                1 << 20,
+            )
+            .unwrap()
+        })
+        .collect();
+    let (mut tx, mut rx) = raw.ws.split();
+    let sender = tokio::spawn(async move {
+        for frame in frames {
+            if tx.send(Message::Binary(frame.into())).await.is_err() {
+                break;
+            }
+        }
+    });
+    // The relay is busy with them once some acks are back.
+    for _ in 0..50 {
+        let next = tokio::time::timeout(Duration::from_secs(10), rx.next())
+            .await
+            .expect("acks within 10 s");
+        assert!(matches!(next, Some(Ok(Message::Binary(_)))), "{next:?}");
+    }
+    let acks = tokio::spawn(async move {
+        let mut n = 0u64;
+        while let Some(Ok(_)) = rx.next().await {
+            n += 1;
+        }
+        n
+    });
+    tokio::time::timeout(Duration::from_secs(5), relay.shutdown())
+        .await
+        .expect("shut down within 5 s while frames kept coming")
+        .unwrap();
+    sender.abort();
+    // The connection ends (its remaining acks, if any, come first).
+    tokio::time::timeout(Duration::from_secs(10), acks)
+        .await
+        .expect("the connection closed")
+        .unwrap();
+}
