@@ -451,14 +451,13 @@ impl Store {
         // `next_seqs`): a stale copy of the metadata must never make a write overwrite an
         // earlier one. The seqs are reserved before the batch is written, so a concurrent
         // append to the same document takes later ones.
-        let known = self.next_seqs().get(doc).copied();
-        let journal = match known {
-            Some(_) => 0,
-            None => self
-                .backend
+        let journal = if self.next_seqs().contains_key(doc) {
+            0
+        } else {
+            self.backend
                 .last(&key(T_CHANGE, doc, &[]))?
                 .and_then(|k| be_u64(k.get(17..)?))
-                .map_or(0, |s| s + 1),
+                .map_or(0, |s| s + 1)
         };
         let mut next = {
             let mut reserved = self.next_seqs();
