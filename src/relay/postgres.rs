@@ -1395,8 +1395,13 @@ async fn pull_cached(
     let mut changes = Vec::new();
     let mut bytes = 0u64;
     let mut cum_to = 0;
+    let mut full = false;
     for (seq, cum, b) in &tail[start..] {
-        if *seq > rec.head || (!changes.is_empty() && bytes + b.len() as u64 > max_bytes) {
+        if *seq > rec.head {
+            break;
+        }
+        if !changes.is_empty() && bytes + b.len() as u64 > max_bytes {
+            full = true;
             break;
         }
         bytes += b.len() as u64;
@@ -1404,6 +1409,11 @@ async fn pull_cached(
         changes.push(b.clone());
     }
     let to = from + changes.len() as u64 - 1;
+    // The tail is written after the commit: one that lags the head would end the page early,
+    // so such a page comes from PostgreSQL (the same page either way).
+    if to < rec.head && !full {
+        return None;
+    }
     cache.hits.fetch_add(1, Ordering::Relaxed);
     Some(Page {
         namespace: rec.namespace.clone(),

@@ -210,10 +210,8 @@ async fn postgres_unreachable_means_a_retryable_error_never_an_ack() {
     let mut a = Raw::open(relay.addr, &t).await;
     let doc = DocId::random();
     let cs = changes(3);
-    assert!(matches!(
-        a.push("notes", doc, 1, cs[..1].to_vec()).await,
-        RelayMsg::Ack { .. }
-    ));
+    let m = a.push("notes", doc, 1, cs[..1].to_vec()).await;
+    assert!(matches!(m, RelayMsg::Ack { .. }), "{m:?}");
     proxy.stop.send(true).unwrap();
     let m = a.push("notes", doc, 2, cs[1..].to_vec()).await;
     match &m {
