@@ -25,7 +25,7 @@ mod behind;
 mod group_commit;
 mod wal;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -602,11 +602,20 @@ impl Store {
         );
         meta.snapshot_gen = gen;
         meta.snapshot_covers = covers;
-        let journal = self.journal(doc)?;
-        let remaining: Vec<&(u64, Vec<u8>)> =
-            journal.iter().filter(|(s, _)| *s >= covers).collect();
-        meta.tail_changes = remaining.len() as u64;
-        meta.tail_bytes = remaining.iter().map(|(_, b)| b.len() as u64).sum();
+        // What stays in the tail: the journal from `covers` on (read from there, not whole).
+        let prefix = key(T_CHANGE, doc, &[]);
+        let from = key(T_CHANGE, doc, &[&covers.to_be_bytes()]);
+        let (mut changes, mut bytes, mut last) = (0u64, 0u64, None);
+        for (k, v) in self.backend.scan_from(&prefix, &from, usize::MAX)? {
+            let seq = k.get(prefix.len()..).and_then(be_u64);
+            if seq != last {
+                changes += 1;
+                last = seq;
+            }
+            bytes += v.len() as u64;
+        }
+        meta.tail_changes = changes;
+        meta.tail_bytes = bytes;
         batch.put(key(T_META, doc, &[]), encode_meta(meta)?);
         self.commit.write(&*self.backend, batch)?;
         self.durable()?;
@@ -621,7 +630,7 @@ impl Store {
     /// Delete journal entries below `covers` (except outbox entries) and every snapshot
     /// generation older than `gen`.
     fn drop_covered(&self, doc: &DocId, covers: u64, gen: u64) -> Result<(), StoreError> {
-        let outbox: Vec<u64> = self
+        let outbox: HashSet<u64> = self
             .backend
             .scan(&key(T_OUTBOX, doc, &[]))?
             .into_iter()
@@ -744,5 +753,37 @@ mod tests {
         for i in [1, 2, 3, 5, 6, 7] {
             assert!(journal.contains(&change(i)), "change {i} lost: {journal:?}");
         }
+    }
+
+    /// Compaction counts the tail it leaves from the journal past `covers` (chunked changes
+    /// once each) and drops below it only what the outbox does not hold.
+    #[test]
+    fn compaction_counts_the_tail_it_leaves_and_keeps_the_outbox() {
+        let store = Store::in_memory();
+        let doc = DocId::random();
+        let mut meta = DocMeta::default();
+        let big = vec![9u8; CHUNK * 2 + 1];
+        let local = store.append(&doc, &mut meta, &[vec![1; 10]], true).unwrap();
+        let remote = store
+            .append(&doc, &mut meta, &[vec![2; 20], vec![3; 30]], false)
+            .unwrap();
+        store
+            .append(&doc, &mut meta, &[big.clone(), vec![4; 40]], false)
+            .unwrap();
+        store.compact(&doc, &mut meta, b"snap", remote[1]).unwrap();
+        assert_eq!(meta.tail_changes, 3, "seqs {} onward", remote[1]);
+        assert_eq!(meta.tail_bytes, 30 + big.len() as u64 + 40);
+        let tail: Vec<u64> = store
+            .load(&doc)
+            .unwrap()
+            .unwrap()
+            .tail
+            .iter()
+            .map(|(s, _)| *s)
+            .collect();
+        assert_eq!(
+            tail,
+            vec![local[0], remote[1], remote[1] + 1, remote[1] + 2]
+        );
     }
 }
