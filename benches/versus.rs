@@ -30,8 +30,10 @@
 //! `cargo test --bench versus -- --smoke` runs every section at 1% size in the test profile
 //! (CI does: it checks the harness still runs, never a figure);
 //! `TANDEM_BENCH_SCALE=0.1` for a quick look; `TANDEM_VERSUS_SAMOD_8000=1` also runs samod at
-//! 8,000 documents (many minutes: a separate long run, e.g. with `TANDEM_BENCH_ONLY=create`). Every wait is bounded by [`WAIT`]: a stuck relay
-//! fails the run, never hangs it.
+//! 8,000 documents (many minutes: a separate long run, e.g. with `TANDEM_BENCH_ONLY=create`);
+//! `TANDEM_BENCH_SMAPS=<dir>` copies each relay's `/proc/<pid>/smaps` there when its RSS is
+//! read (what is resident: heap, code, stacks). Every wait is bounded by [`WAIT`]: a stuck
+//! relay fails the run, never hangs it.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
@@ -256,8 +258,13 @@ impl RelayProc {
         (fields.get(11).unwrap_or(&0.0) + fields.get(12).unwrap_or(&0.0)) / 100.0
     }
 
-    /// Resident set size in bytes.
+    /// Resident set size in bytes. With `TANDEM_BENCH_SMAPS=<dir>` set, the relay's
+    /// `/proc/<pid>/smaps` at that moment is copied there too (to see what is resident).
     fn rss(&self) -> u64 {
+        if let Some(dir) = std::env::var_os("TANDEM_BENCH_SMAPS") {
+            let to = PathBuf::from(dir).join(format!("smaps.{}", self.child.id()));
+            let _ = std::fs::copy(format!("/proc/{}/smaps", self.child.id()), to);
+        }
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
             .expect("relay status");
         let kb: u64 = status
