@@ -1372,7 +1372,7 @@ fn floors(client: &Runtime) {
             ),
             "".into(),
             "".into(),
-            "device change → relay's ack after its group fsync, over loopback; target ≤ 2× floor",
+            "device change → synced through the device's sync task (its steps, the push, the ack, the feed); the ≤ 2× target is the relay's ack above",
         );
     }
     // Automerge's own apply, save and load of the same documents as `create`.
