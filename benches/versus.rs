@@ -3,7 +3,7 @@
 //! run. Prints one markdown table; docs/performance.md ("Side by side with samod") holds the
 //! figures and where tandem's time goes.
 //!
-//! Each relay runs as its own child process, so its CPU time (`/proc/<pid>/stat`) and RSS
+//! Each relay runs as its own child process, so its CPU time (its threads' `schedstat`) and RSS
 //! (`/proc/<pid>/status`) are its own: tandem's is the real `tandem relay` binary (JWT auth,
 //! fsync on, as in production); samod's is this same bench binary started again with
 //! [`SAMOD_RELAY`] set, which serves samod's `Repo` over an axum WebSocket on loopback with
@@ -244,12 +244,34 @@ impl RelayProc {
         }
     }
 
-    /// CPU time (user + system) the relay has used, in seconds.
+    /// CPU time (user + system) the relay has used, in seconds: the sum of its threads'
+    /// run times (`/proc/<pid>/task/*/schedstat`, in nanoseconds: a section of 500 documents
+    /// takes well under a second, too little for the 10 ms ticks of `/proc/<pid>/stat`). A
+    /// thread that ended in between is not counted; the relay's blocking pool keeps idle
+    /// threads 10 s, longer than a section runs. Falls back to `stat` where schedstat is off.
     fn cpu(&self) -> f64 {
+        let pid = self.child.id();
+        let mut ns = 0u64;
+        let mut read = false;
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
+            for t in tasks.flatten() {
+                let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
+                if let Some(run) = stat
+                    .split_whitespace()
+                    .next()
+                    .and_then(|n| n.parse::<u64>().ok())
+                {
+                    ns += run;
+                    read = true;
+                }
+            }
+        }
+        if read {
+            return ns as f64 / 1e9;
+        }
         // Fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 a second on Linux); the
         // name in field 2 is in parentheses and may hold spaces, so count from the closing one.
-        let stat =
-            std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         let after = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
         let fields: Vec<f64> = after
             .split_whitespace()
