@@ -3,7 +3,7 @@
 //! run. Prints one markdown table; docs/performance.md ("Side by side with samod") holds the
 //! figures and where tandem's time goes.
 //!
-//! Each relay runs as its own child process, so its CPU time (its threads' `schedstat`) and RSS
+//! Each relay runs as its own child process, so its CPU time (its process CPU clock) and RSS
 //! (`/proc/<pid>/status`) are its own: tandem's is the real `tandem relay` binary (JWT auth,
 //! fsync on, as in production); samod's is this same bench binary started again with
 //! [`SAMOD_RELAY`] set, which serves samod's `Repo` over an axum WebSocket on loopback with
@@ -244,30 +244,24 @@ impl RelayProc {
         }
     }
 
-    /// CPU time (user + system) the relay has used, in seconds: the sum of its threads'
-    /// run times (`/proc/<pid>/task/*/schedstat`, in nanoseconds: a section of 500 documents
-    /// takes well under a second, too little for the 10 ms ticks of `/proc/<pid>/stat`). A
-    /// thread that ended in between is not counted; the relay's blocking pool keeps idle
-    /// threads 10 s, longer than a section runs. Falls back to `stat` where schedstat is off.
+    /// CPU time (user + system) the relay has used, in seconds: its process CPU clock
+    /// (`clock_getcpuclockid` + `clock_gettime`, in nanoseconds, threads that ended included;
+    /// a section of 500 documents takes well under a second, too little for the 10 ms ticks
+    /// of `/proc/<pid>/stat`, which it falls back to if the clock cannot be read).
     fn cpu(&self) -> f64 {
         let pid = self.child.id();
-        let mut ns = 0u64;
-        let mut read = false;
-        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
-            for t in tasks.flatten() {
-                let stat = std::fs::read_to_string(t.path().join("schedstat")).unwrap_or_default();
-                if let Some(run) = stat
-                    .split_whitespace()
-                    .next()
-                    .and_then(|n| n.parse::<u64>().ok())
-                {
-                    ns += run;
-                    read = true;
-                }
-            }
-        }
+        let mut clock: libc::clockid_t = 0;
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: both calls only write to the locals passed in.
+        let read = unsafe {
+            libc::clock_getcpuclockid(pid as libc::pid_t, &mut clock) == 0
+                && libc::clock_gettime(clock, &mut ts) == 0
+        };
         if read {
-            return ns as f64 / 1e9;
+            return ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9;
         }
         // Fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 a second on Linux); the
         // name in field 2 is in parentheses and may hold spaces, so count from the closing one.
@@ -322,7 +316,9 @@ impl RelayProc {
                 let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
                 return Some(secs(usage.ru_utime) + secs(usage.ru_stime));
             }
-            if reaped < 0 {
+            if reaped < 0
+                && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(50));

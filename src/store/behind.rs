@@ -231,20 +231,22 @@ impl Behind {
         let mut over = over.into_iter().peekable();
         let mut sled = sled.peekable();
         while out.len() < limit {
-            let next_sled = match sled.peek() {
-                Some(Ok((k, _))) => Some(k.to_vec()),
-                Some(Err(_)) => return Err(sled.next().expect("peeked").unwrap_err().into()),
-                None => None,
-            };
-            let take_over = match (over.peek(), &next_sled) {
+            if let Some(Err(_)) = sled.peek() {
+                return Err(sled.next().expect("peeked").unwrap_err().into());
+            }
+            // Compared in place: a key is copied once, into the entry that is kept.
+            let (take_over, same) = match (over.peek(), sled.peek()) {
                 (None, None) => break,
-                (Some(_), None) => true,
-                (None, Some(_)) => false,
-                (Some((ok, _)), Some(sk)) => ok <= sk,
+                (Some(_), None) => (true, false),
+                (None, Some(_)) => (false, false),
+                (Some((ok, _)), Some(Ok((sk, _)))) => {
+                    (ok.as_slice() <= sk.as_ref(), ok.as_slice() == sk.as_ref())
+                }
+                (Some(_), Some(Err(_))) => unreachable!("returned above"),
             };
             if take_over {
                 let (k, v) = over.next().expect("peeked");
-                if next_sled.as_deref() == Some(k.as_slice()) {
+                if same {
                     sled.next();
                 }
                 if let Some(v) = v {
