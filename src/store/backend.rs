@@ -48,6 +48,10 @@ pub trait Backend: Send + Sync {
     fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
     /// Up to `limit` entries whose key starts with `prefix` and is ≥ `start`, in key order.
     fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError>;
+    /// The keys starting with `prefix`, in order (a scan that need not copy the values).
+    fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        Ok(self.scan(prefix)?.into_iter().map(|(k, _)| k).collect())
+    }
     /// Apply a batch atomically (not yet durable).
     fn write(&self, batch: Batch) -> Result<(), StoreError>;
     /// Make every applied batch durable.
@@ -271,6 +275,10 @@ impl Backend for SledBackend {
 
     fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
         self.behind.scan_from(prefix, start, limit)
+    }
+
+    fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.behind.scan_keys(prefix)
     }
 
     fn write(&self, batch: Batch) -> Result<(), StoreError> {

@@ -186,13 +186,15 @@ impl Behind {
     }
 
     /// The overlay's writes to keys that start with `prefix` and are ≥ `start`, in key order,
-    /// up to the `limit`-th that is not a removal (no later one can be read).
-    fn over_range(
+    /// up to the `limit`-th that is not a removal (no later one can be read); values as `take`
+    /// makes them.
+    fn over_range<T>(
         &self,
         prefix: &[u8],
         start: &[u8],
         limit: usize,
-    ) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        take: &impl Fn(&[u8]) -> T,
+    ) -> Vec<(Vec<u8>, Option<T>)> {
         let o = lock(&self.overlay);
         let mut out = Vec::new();
         let mut values = 0;
@@ -201,7 +203,7 @@ impl Behind {
                 break;
             }
             values += usize::from(v.is_some());
-            out.push((k.clone(), v.clone()));
+            out.push((k.clone(), v.as_deref().map(take)));
         }
         out
     }
@@ -221,8 +223,26 @@ impl Behind {
         start: &[u8],
         limit: usize,
     ) -> Result<super::backend::Entries, StoreError> {
+        self.range(prefix, start, limit, <[u8]>::to_vec)
+    }
+
+    /// The keys starting with `prefix`, in order (values are not copied).
+    pub(crate) fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let keys = self.range(prefix, prefix, usize::MAX, |_| ())?;
+        Ok(keys.into_iter().map(|(k, ())| k).collect())
+    }
+
+    /// Up to `limit` entries with keys starting with `prefix` and ≥ `start`, in key order,
+    /// overlay over sled; values as `take` makes them.
+    fn range<T>(
+        &self,
+        prefix: &[u8],
+        start: &[u8],
+        limit: usize,
+        take: impl Fn(&[u8]) -> T,
+    ) -> Result<Vec<(Vec<u8>, T)>, StoreError> {
         let _r = self.read();
-        let over = self.over_range(prefix, start, limit);
+        let over = self.over_range(prefix, start, limit, &take);
         let sled = self
             .tree
             .range(start.max(prefix).to_vec()..)
@@ -253,7 +273,7 @@ impl Behind {
                     out.push((k, v));
                 }
             } else if let Some(Ok((k, v))) = sled.next() {
-                out.push((k.to_vec(), v.to_vec()));
+                out.push((k.to_vec(), take(&v)));
             }
         }
         Ok(out)
@@ -329,6 +349,8 @@ mod tests {
                     .map(|(k, v)| (k.clone(), v.clone()))
                     .collect();
                 assert_eq!(behind.scan_from(prefix, prefix, usize::MAX).unwrap(), all);
+                let keys: Vec<Vec<u8>> = all.iter().map(|(k, _)| k.clone()).collect();
+                assert_eq!(behind.scan_keys(prefix).unwrap(), keys);
                 // Keys with the prefix that are ≥ `start` (which may lie before the prefix).
                 let start = key(15);
                 let from: Vec<_> = all

@@ -520,9 +520,9 @@ impl Store {
     pub fn outbox(&self, doc: &DocId) -> Result<Vec<(u64, Vec<u8>)>, StoreError> {
         let pending: Vec<u64> = self
             .backend
-            .scan(&key(T_OUTBOX, doc, &[]))?
-            .into_iter()
-            .filter_map(|(k, _)| be_u64(&k[17..]))
+            .scan_keys(&key(T_OUTBOX, doc, &[]))?
+            .iter()
+            .filter_map(|k| be_u64(&k[17..]))
             .collect();
         let mut out = Vec::with_capacity(pending.len());
         for seq in pending {
@@ -545,7 +545,7 @@ impl Store {
     pub fn outbox_docs(&self) -> Result<Vec<DocId>, StoreError> {
         self.durable()?;
         let mut out: Vec<DocId> = Vec::new();
-        for (k, _) in self.backend.scan(&[T_OUTBOX])? {
+        for k in self.backend.scan_keys(&[T_OUTBOX])? {
             let id = DocId(
                 k.get(1..17)
                     .and_then(|s| s.try_into().ok())
@@ -632,19 +632,19 @@ impl Store {
     fn drop_covered(&self, doc: &DocId, covers: u64, gen: u64) -> Result<(), StoreError> {
         let outbox: HashSet<u64> = self
             .backend
-            .scan(&key(T_OUTBOX, doc, &[]))?
-            .into_iter()
-            .filter_map(|(k, _)| be_u64(&k[17..]))
+            .scan_keys(&key(T_OUTBOX, doc, &[]))?
+            .iter()
+            .filter_map(|k| be_u64(&k[17..]))
             .collect();
         let mut batch = Batch::default();
-        for (k, _) in self.backend.scan(&key(T_CHANGE, doc, &[]))? {
+        for k in self.backend.scan_keys(&key(T_CHANGE, doc, &[]))? {
             if let Some(seq) = be_u64(&k[17..]) {
                 if seq < covers && !outbox.contains(&seq) {
                     batch.remove(k);
                 }
             }
         }
-        for (k, _) in self.backend.scan(&key(T_SNAPSHOT, doc, &[]))? {
+        for k in self.backend.scan_keys(&key(T_SNAPSHOT, doc, &[]))? {
             if be_u64(&k[17..]).is_some_and(|g| g < gen) {
                 batch.remove(k);
             }
