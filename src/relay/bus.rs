@@ -9,7 +9,8 @@
 //! - **PostgreSQL is the truth, and the safety net.** Pub/sub may drop a message (Redis
 //!   restarted, a node's subscription broke): nothing is lost, because every node also follows
 //!   the namespaces' feeds ([`PgLog::feed_heads`], one query) and sends what it has not seen
-//!   delivered yet; and a device that sees a seq gap in live changes pulls the missing ones
+//!   delivered yet, one poll after it reads it (so that a change this node committed itself
+//!   has been fanned out by then, not sent twice); and a device that sees a seq gap in live changes pulls the missing ones
 //!   (the client does that anyway). With Redis down, the feed poll runs every
 //!   [`POLL_DEGRADED`] instead of every [`POLL_HEALTHY`]: devices keep syncing, slower, and
 //!   the node goes back to pub/sub as soon as Redis answers again.
@@ -238,6 +239,11 @@ async fn poller(
     mut cursors: HashMap<String, u64>,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    // What the last round found undelivered: delivered a round later if still so. The poll
+    // cannot tell who committed what it reads, and a change this node committed is fanned out
+    // (and marked delivered) by the connection that pushed it just after its commit; read in
+    // between and delivered at once, it went to every subscriber here again, the pusher too.
+    let mut found: Vec<(DocId, u64)> = Vec::new();
     loop {
         let period = if *node.healthy.borrow() {
             POLL_HEALTHY
@@ -247,6 +253,13 @@ async fn poller(
         tokio::select! {
             _ = tokio::time::sleep(period) => {}
             _ = shutdown.wait_for(|s| *s) => return,
+        }
+        for (doc, seq) in std::mem::take(&mut found) {
+            match node.last_seen(&doc) {
+                Some(s) if s >= seq => {}
+                Some(s) => node.deliver_from_store(doc, s).await,
+                None => node.deliver_from_store(doc, seq - 1).await,
+            }
         }
         let store = node.store.clone();
         let Ok(Ok(heads)) = tokio::task::spawn_blocking(move || store.feed_heads()).await else {
@@ -267,10 +280,8 @@ async fn poller(
                     break;
                 };
                 for e in entries {
-                    match node.last_seen(&e.doc) {
-                        Some(s) if s >= e.seq => {}
-                        Some(s) => node.deliver_from_store(e.doc, s).await,
-                        None => node.deliver_from_store(e.doc, e.seq - 1).await,
+                    if node.last_seen(&e.doc).is_none_or(|s| s < e.seq) {
+                        found.push((e.doc, e.seq));
                     }
                 }
                 *cursor = next;

@@ -210,8 +210,9 @@ async fn postgres_unreachable_means_a_retryable_error_never_an_ack() {
     let mut a = Raw::open(relay.addr, &t).await;
     let doc = DocId::random();
     let cs = changes(3);
-    // The node's feed poll may hand this connection its own change back (it cannot tell
-    // who pushed what it reads from PostgreSQL): look past that for the push's answer.
+    // The node's feed poll cannot tell who pushed what it reads from PostgreSQL: it waits a
+    // poll for the pusher's own fan-out to mark the change delivered, and a fan-out slower
+    // than that gets the change back to its pusher. Look past that for the push's answer.
     async fn answer(a: &mut Raw, first: RelayMsg) -> RelayMsg {
         let mut m = first;
         for _ in 0..10 {
