@@ -243,8 +243,25 @@ async fn postgres_unreachable_means_a_retryable_error_never_an_ack() {
     direct.shutdown().await.unwrap();
 }
 
+/// A redis-server child, stopped when dropped: a test that fails leaves none running.
+struct OwnRedis(std::process::Child);
+
+impl OwnRedis {
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        self.0.wait().unwrap();
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A redis-server of this test's own on a free port (never the shared one), ready.
-fn own_redis(port: u16) -> std::process::Child {
+fn own_redis(port: u16) -> OwnRedis {
     use std::io::{BufRead, BufReader};
     let mut child = std::process::Command::new("redis-server")
         .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
@@ -255,7 +272,7 @@ fn own_redis(port: u16) -> std::process::Child {
     let out = BufReader::new(child.stdout.take().unwrap());
     for line in out.lines().take(200) {
         if line.unwrap().contains("Ready to accept connections") {
-            return child;
+            return OwnRedis(child);
         }
     }
     let _ = child.kill();
@@ -311,8 +328,7 @@ async fn with_redis_stopped_edits_still_cross_nodes_and_redis_is_used_again_when
     edit("v1").await;
     wait_value(&b, &mut rx_b, id, "title", json!("v1")).await;
     // Redis goes away: the nodes notice, and changes still cross (through the feeds).
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    redis.stop();
     for h in &mut health {
         until(h, false, "the nodes to notice Redis is gone").await;
     }
@@ -338,8 +354,7 @@ async fn with_redis_stopped_edits_still_cross_nodes_and_redis_is_used_again_when
     for n in nodes {
         n.shutdown().await.unwrap();
     }
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    redis.stop();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -602,8 +617,7 @@ fn the_hot_cache_serves_committed_tails_and_a_flushed_or_stopped_redis_only_mean
         );
     }
     // Stopped: pushes and pulls go on.
-    redis.kill().unwrap();
-    redis.wait().unwrap();
+    redis.stop();
     cached.append("notes", &doc, &changes(1)).unwrap();
     let page = cached.pull(&doc, 0, 1 << 20).unwrap();
     assert_eq!(page.changes.len(), 12);
