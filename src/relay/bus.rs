@@ -9,9 +9,9 @@
 //! - **PostgreSQL is the truth, and the safety net.** Pub/sub may drop a message (Redis
 //!   restarted, a node's subscription broke): nothing is lost, because every node also follows
 //!   the namespaces' feeds ([`PgLog::feed_heads`], one query) and sends what it has not seen
-//!   delivered yet, one poll after it reads it (so that a change this node committed itself
-//!   has been fanned out by then, not sent twice); and a device that sees a seq gap in live changes pulls the missing ones
-//!   (the client does that anyway). With Redis down, the feed poll runs every
+//!   delivered yet, one poll after it reads it (a change this node committed itself has
+//!   normally been fanned out by then, so it is not sent twice); and a device that sees a seq
+//!   gap in live changes pulls the missing ones (the client does that anyway). With Redis down, the feed poll runs every
 //!   [`POLL_DEGRADED`] instead of every [`POLL_HEALTHY`]: devices keep syncing, slower, and
 //!   the node goes back to pub/sub as soon as Redis answers again.
 //!
@@ -184,12 +184,13 @@ impl Node {
     }
 
     /// Deliver `doc`'s committed changes after `after` (one bounded page) from PostgreSQL.
-    async fn deliver_from_store(&self, doc: DocId, after: u64) {
+    /// `false` if they could not be read.
+    async fn deliver_from_store(&self, doc: DocId, after: u64) -> bool {
         let store = self.store.clone();
         let page = tokio::task::spawn_blocking(move || store.pull(&doc, after, PAGE_BYTES)).await;
-        let Ok(Ok(page)) = page else { return };
+        let Ok(Ok(page)) = page else { return false };
         if page.changes.is_empty() || page.namespace.is_empty() {
-            return;
+            return true;
         }
         saw(&self.seen, &doc, page.to);
         let msg = RelayMsg::Changes {
@@ -202,6 +203,7 @@ impl Node {
             remaining_bytes: page.remaining_bytes,
         };
         (self.deliver)(page.namespace, doc, msg);
+        true
     }
 
     async fn on_note(&self, note: Note) {
@@ -243,7 +245,8 @@ async fn poller(
     // cannot tell who committed what it reads, and a change this node committed is fanned out
     // (and marked delivered) by the connection that pushed it just after its commit; read in
     // between and delivered at once, it went to every subscriber here again, the pusher too.
-    let mut found: Vec<(DocId, u64)> = Vec::new();
+    // Each document once, with the highest seq seen.
+    let mut found: HashMap<DocId, u64> = HashMap::new();
     loop {
         let period = if *node.healthy.borrow() {
             POLL_HEALTHY
@@ -254,12 +257,25 @@ async fn poller(
             _ = tokio::time::sleep(period) => {}
             _ = shutdown.wait_for(|s| *s) => return,
         }
-        for (doc, seq) in std::mem::take(&mut found) {
-            match node.last_seen(&doc) {
-                Some(s) if s >= seq => {}
-                Some(s) => node.deliver_from_store(doc, s).await,
-                None => node.deliver_from_store(doc, seq - 1).await,
+        // PostgreSQL failing: what was not delivered waits for the next round (the cursors
+        // have moved past it), and this round reads no further.
+        let mut due = std::mem::take(&mut found).into_iter();
+        let mut failed = false;
+        for (doc, seq) in due.by_ref() {
+            let after = match node.last_seen(&doc) {
+                Some(s) if s >= seq => continue,
+                Some(s) => s,
+                None => seq - 1,
+            };
+            if !node.deliver_from_store(doc, after).await {
+                found.insert(doc, seq);
+                failed = true;
+                break;
             }
+        }
+        if failed {
+            found.extend(due);
+            continue;
         }
         let store = node.store.clone();
         let Ok(Ok(heads)) = tokio::task::spawn_blocking(move || store.feed_heads()).await else {
@@ -281,7 +297,8 @@ async fn poller(
                 };
                 for e in entries {
                     if node.last_seen(&e.doc).is_none_or(|s| s < e.seq) {
-                        found.push((e.doc, e.seq));
+                        let seq = found.entry(e.doc).or_insert(e.seq);
+                        *seq = (*seq).max(e.seq);
                     }
                 }
                 *cursor = next;
