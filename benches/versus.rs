@@ -32,7 +32,9 @@
 //! `TANDEM_BENCH_SCALE=0.1` for a quick look; `TANDEM_VERSUS_SAMOD_8000=1` also runs samod at
 //! 8,000 documents (many minutes: a separate long run, e.g. with `TANDEM_BENCH_ONLY=create`);
 //! `TANDEM_BENCH_SMAPS=<dir>` copies each relay's `/proc/<pid>/smaps` there when its RSS is
-//! read (what is resident: heap, code, stacks). Every wait is bounded by [`WAIT`]: a stuck
+//! read (what is resident: heap, code, stacks); `TANDEM_VERSUS_RELAY_WRAP="valgrind
+//! --tool=callgrind"` starts each tandem relay under that command (how `scripts/hot-code.py`
+//! finds the code a relay runs). Every wait is bounded by [`WAIT`]: a stuck
 //! relay fails the run, never hangs it.
 
 use std::io::{BufRead, Write};
@@ -204,7 +206,16 @@ impl RelayProc {
             Kind::Tandem => {
                 let secret = data.with_extension("secret");
                 std::fs::write(&secret, SECRET).expect("secret file");
-                let mut c = Command::new(env!("CARGO_BIN_EXE_tandem"));
+                let wrap = std::env::var("TANDEM_VERSUS_RELAY_WRAP").unwrap_or_default();
+                let mut wrap = wrap.split_whitespace();
+                let mut c = match wrap.next() {
+                    Some(program) => {
+                        let mut c = Command::new(program);
+                        c.args(wrap).arg(env!("CARGO_BIN_EXE_tandem"));
+                        c
+                    }
+                    None => Command::new(env!("CARGO_BIN_EXE_tandem")),
+                };
                 c.arg("relay")
                     .arg("--jwt-secret-file")
                     .arg(&secret)
