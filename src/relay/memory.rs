@@ -29,6 +29,47 @@ pub fn tune_allocator() {
     }
 }
 
+/// The glibc tunable that sizes each thread's cache of freed blocks.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const TCACHE_TUNABLE: &str = "glibc.malloc.tcache_count";
+
+/// Start this program again, in place (same pid, arguments and open files), with glibc's
+/// per-thread caches of freed blocks turned off (`GLIBC_TUNABLES=glibc.malloc.tcache_count=0`,
+/// which only the environment at startup can set). Each thread otherwise keeps up to seven
+/// freed blocks of every small size for itself, where neither other threads nor `malloc_trim`
+/// reach them; a relay's blocking pool grows to dozens of threads in a burst, and their caches
+/// held 2 MiB at 2,000 documents and 6 MiB at 8,000 (docs/performance.md). Does nothing when
+/// the environment already sets that tunable (the second start, or an operator's choice), off
+/// Linux with glibc, or when the program cannot be started again (it then runs as it is).
+/// Call before anything with an effect outside the process: it runs again from the start.
+pub fn reexec_without_thread_caches() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        use std::os::unix::process::CommandExt;
+        let current = std::env::var_os("GLIBC_TUNABLES").unwrap_or_default();
+        let Some(current) = current.to_str() else {
+            return;
+        };
+        if current.contains(TCACHE_TUNABLE) {
+            return;
+        }
+        let tunables = match current {
+            "" => format!("{TCACHE_TUNABLE}=0"),
+            _ => format!("{current}:{TCACHE_TUNABLE}=0"),
+        };
+        let mut args = std::env::args_os();
+        let Some(arg0) = args.next() else {
+            return;
+        };
+        // Only returns if the program could not be started again.
+        let _ = std::process::Command::new("/proc/self/exe")
+            .arg0(arg0)
+            .args(args)
+            .env("GLIBC_TUNABLES", tunables)
+            .exec();
+    }
+}
+
 /// Map the executable's pages one at a time as they are first used. The kernel otherwise maps
 /// 64 KiB around each page a fault brings in ("fault-around"), so every function the relay
 /// ever calls keeps its neighbours resident too. Asking for random access on the executable's

@@ -189,6 +189,8 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
             ))
         }
     };
+    // Before anything with an effect: the relay may start again from here.
+    tandem::relay::memory::reexec_without_thread_caches();
     let data = cli.data_dir("TANDEM_RELAY_DATA", "./tandem-relay");
     if args.new_identity && args.postgres.is_some() {
         let url = args.postgres.clone().unwrap_or_default();
