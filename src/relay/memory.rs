@@ -76,7 +76,9 @@ pub fn reexec_without_thread_caches() {
 /// mappings turns that off on kernels that honour it for fault-around (6.18 here does). Random
 /// access also turns readahead off, so the executable is first asked into the page cache
 /// (`MADV_WILLNEED`, which reads ahead without mapping anything): a relay started on a cold
-/// cache then takes minor faults, not a disk read per page. Linux only.
+/// cache then takes minor faults, not a disk read per page. A page held in a large page-cache
+/// folio is still mapped with the whole folio, which is why release builds also link the code
+/// a relay runs together (build.rs). Linux only.
 pub fn map_code_sparsely() {
     #[cfg(target_os = "linux")]
     {
