@@ -179,6 +179,9 @@ pub fn token(_cli: &Cli, args: &TokenArgs) -> CmdResult {
 }
 
 pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
+    // Before anything with an effect, reading the secret included: the relay may start again
+    // from here.
+    tandem::relay::memory::reexec_without_thread_caches();
     let auth = match (&args.jwt_secret_file, args.insecure_no_auth) {
         (Some(f), false) => Auth::Jwt(Arc::new(Secret::from_file(f).map_err(|e| Failure::new(1, e.to_string()))?)),
         (None, true) => Auth::InsecureNoAuth,
@@ -189,8 +192,6 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
             ))
         }
     };
-    // Before anything with an effect: the relay may start again from here.
-    tandem::relay::memory::reexec_without_thread_caches();
     let data = cli.data_dir("TANDEM_RELAY_DATA", "./tandem-relay");
     if args.new_identity && args.postgres.is_some() {
         let url = args.postgres.clone().unwrap_or_default();
