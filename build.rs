@@ -3,10 +3,11 @@
 //! `src/bin/relay-hot-code.ld` names the functions a relay runs (written by
 //! `scripts/hot-code.py`); given to the linker, it places them side by side at the start of the
 //! code, so the few pages a relay runs are not spread over the whole binary, each dragging its
-//! page-cache folio into the relay's memory (docs/performance.md, "Relay RSS"). Used where the
-//! order matters: a Linux target and the release profile (or one that inherits from it, such as
-//! `bench`). GNU ld and LLD take the script; mold and gold do not, so it is left out when the
-//! flags ask for either, and `TANDEM_PLAIN_LINK=1` leaves it out for any other linker.
+//! page-cache folio into the relay's memory (docs/performance.md, "Targets", relay RSS). Used
+//! where the order matters: a Linux target and the release profile (or one that inherits from
+//! it, such as `bench`). GNU ld and LLD take the script; mold and gold do not, so it is left
+//! out when the flags ask for either, and `TANDEM_PLAIN_LINK=1` leaves it out for any other
+//! linker.
 
 fn main() {
     const SCRIPT: &str = "src/bin/relay-hot-code.ld";

@@ -34,8 +34,8 @@
 //! `TANDEM_BENCH_SMAPS=<dir>` copies each relay's `/proc/<pid>/smaps` there when its RSS is
 //! read (what is resident: heap, code, stacks); `TANDEM_VERSUS_RELAY_WRAP="valgrind
 //! --tool=callgrind"` starts each tandem relay under that command (how `scripts/hot-code.py`
-//! finds the code a relay runs). Every wait is bounded by [`WAIT`]: a stuck
-//! relay fails the run, never hangs it.
+//! finds the code a relay runs). Every wait is bounded by [`WAIT`]: a stuck relay fails the
+//! run, never hangs it.
 
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;

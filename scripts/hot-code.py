@@ -5,7 +5,7 @@ The kernel maps an executable's code in whole page-cache folios (up to hundreds 
 every page a process touches, so a relay whose few hundred hot functions are spread over the
 binary's 8 MiB of code keeps most of it resident. build.rs passes the script this writes to the
 linker, which places those functions side by side at the start of the code (docs/performance.md,
-"Relay RSS").
+"Targets", relay RSS).
 
 How: the versus benchmark's relay sections run with every tandem relay under callgrind
 (`TANDEM_VERSUS_RELAY_WRAP`), which lists each function that executed; the names are matched

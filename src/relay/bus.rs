@@ -11,9 +11,10 @@
 //!   the namespaces' feeds ([`PgLog::feed_heads`], one query) and sends what it has not seen
 //!   delivered yet, one poll after it reads it (a change this node committed itself has
 //!   normally been fanned out by then, so it is not sent twice); and a device that sees a seq
-//!   gap in live changes pulls the missing ones (the client does that anyway). With Redis down, the feed poll runs every
-//!   [`POLL_DEGRADED`] instead of every [`POLL_HEALTHY`]: devices keep syncing, slower, and
-//!   the node goes back to pub/sub as soon as Redis answers again.
+//!   gap in live changes pulls the missing ones (the client does that anyway). With Redis
+//!   down, the feed poll runs every [`POLL_DEGRADED`] instead of every [`POLL_HEALTHY`]:
+//!   devices keep syncing, slower, and the node goes back to pub/sub as soon as Redis answers
+//!   again.
 //!
 //! Only committed changes are ever published or read back, so a device never sees a change
 //! that a crash could take back. The Redis client is a few lines of RESP (the commands used

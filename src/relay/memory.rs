@@ -1,8 +1,10 @@
-//! How a relay process hands memory back: glibc's allocator keeps what is freed, per arena, so
-//! a burst of work leaves a relay holding far more than it uses (see docs/performance.md,
-//! "RSS"). These are process-wide settings, so the `tandem relay` command turns them on and an
-//! application embedding the relay decides for itself. The allocator's settings do nothing
-//! elsewhere than Linux with glibc, and the code mapping nothing elsewhere than Linux.
+//! How a relay process keeps its memory small: glibc's allocator keeps what is freed, per arena
+//! and per thread, so a burst of work leaves a relay holding far more than it uses, and the
+//! kernel maps the executable in large pieces around the code that runs (see
+//! docs/performance.md, "Targets", relay RSS). These are process-wide settings, so the
+//! `tandem relay` command turns them on and an application embedding the relay decides for
+//! itself. The allocator's settings do nothing elsewhere than Linux with glibc, and the code
+//! mapping nothing elsewhere than Linux.
 
 use std::sync::Arc;
 use std::time::Duration;

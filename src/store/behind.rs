@@ -252,17 +252,19 @@ impl Behind {
         let mut sled = sled.peekable();
         while out.len() < limit {
             if let Some(Err(_)) = sled.peek() {
-                return Err(sled.next().expect("peeked").unwrap_err().into());
+                if let Some(Err(e)) = sled.next() {
+                    return Err(e.into());
+                }
             }
             // Compared in place: a key is copied once, into the entry that is kept.
-            let (take_over, same) = match (over.peek(), sled.peek()) {
+            let next_sled = sled.peek().and_then(|r| r.as_ref().ok()).map(|(k, _)| k);
+            let (take_over, same) = match (over.peek(), next_sled) {
                 (None, None) => break,
                 (Some(_), None) => (true, false),
                 (None, Some(_)) => (false, false),
-                (Some((ok, _)), Some(Ok((sk, _)))) => {
+                (Some((ok, _)), Some(sk)) => {
                     (ok.as_slice() <= sk.as_ref(), ok.as_slice() == sk.as_ref())
                 }
-                (Some(_), Some(Err(_))) => unreachable!("returned above"),
             };
             if take_over {
                 let (k, v) = over.next().expect("peeked");
