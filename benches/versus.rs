@@ -15,7 +15,11 @@
 //!
 //! Sections (`TANDEM_BENCH_ONLY=create,fanout,sustained,reconnect,cold,floors` picks some):
 //! - `create`: C = 4 devices create and sync D new documents (D = 500, 2,000 for both; 8,000
-//!   for tandem only): wall time, relay CPU, relay RSS after;
+//!   for tandem only): wall time, relay CPU (and tandem's log flushes per document), relay
+//!   RSS after; each tandem size runs 3 times (`TANDEM_VERSUS_REPEAT`) and gives medians.
+//!   Then "relay alone": the same sizes pushed as pre-made notes by 4 bare connections with
+//!   8 pushes in flight each, so the relay sets the pace at every size (with devices, their
+//!   own growing stores slow them, and the relay gets fewer pushes per flush);
 //! - `fanout`: one small change to 20 and to 100 subscribers of one document: p50/p99 from
 //!   the writer's change to each subscriber's change event;
 //! - `sustained`: 8 devices, each change then wait for the relay to have it, at rising
@@ -484,12 +488,79 @@ async fn samod_synced(doc: &samod::DocHandle, conn: samod::ConnectionId) {
 // ---------------------------------------------------------------------------------------------
 // Section `create`.
 
+#[derive(Clone, Copy)]
 struct Run {
     wall: Duration,
     cpu: f64,
     /// CPU from the start of the workload to the relay's exit (its exit's flush included).
     cpu_to_exit: Option<f64>,
     rss: u64,
+    /// Write-ahead log flushes (tandem's `/metrics`), `None` for samod.
+    flushes: Option<u64>,
+}
+
+/// How many times each tandem size of `create` runs; its rows give the medians. A run of
+/// 500 documents costs the relay a tenth of a second of CPU, which a busy host can move by
+/// half (`TANDEM_VERSUS_REPEAT`, default 3).
+fn repeats() -> usize {
+    if std::env::args().any(|a| a == "--smoke") {
+        return 1;
+    }
+    std::env::var("TANDEM_VERSUS_REPEAT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3)
+        .max(1)
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
+    v[v.len() / 2]
+}
+
+/// Each figure's median over `runs` (not one run's figures), and the range of CPU per
+/// document.
+fn median_run(runs: &[Run], docs: usize) -> (Run, (f64, f64)) {
+    let per_doc: Vec<f64> = runs.iter().map(|r| r.cpu / docs as f64).collect();
+    let range = (
+        per_doc.iter().copied().fold(f64::MAX, f64::min),
+        per_doc.iter().copied().fold(0.0, f64::max),
+    );
+    let to_exit: Vec<f64> = runs.iter().filter_map(|r| r.cpu_to_exit).collect();
+    let flushes: Vec<u64> = runs.iter().filter_map(|r| r.flushes).collect();
+    let run = Run {
+        wall: median(runs.iter().map(|r| r.wall).collect()),
+        cpu: median(runs.iter().map(|r| r.cpu).collect()),
+        cpu_to_exit: (to_exit.len() == runs.len()).then(|| median(to_exit)),
+        rss: median(runs.iter().map(|r| r.rss).collect()),
+        flushes: (!flushes.is_empty()).then(|| median(flushes)),
+    };
+    (run, range)
+}
+
+/// One counter of the tandem relay's `/metrics`.
+async fn relay_metric(addr: SocketAddr, name: &str) -> Option<u64> {
+    let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+        .await
+        .ok()?
+        .ok()?;
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    tcp.write_all(request.as_bytes()).await.ok()?;
+    let mut body = String::new();
+    tokio::time::timeout(WAIT, tcp.read_to_string(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 fn create_sync(client: &Runtime, kind: Kind, docs: usize) -> Run {
@@ -515,7 +586,17 @@ fn create_sync(client: &Runtime, kind: Kind, docs: usize) -> Run {
         }
     });
     let wall = t0.elapsed();
+    finish_run(client, kind, relay, cpu0, wall)
+}
+
+/// A run's figures once its workload is done: CPU now, RSS a moment later, then the relay
+/// stops.
+fn finish_run(client: &Runtime, kind: Kind, relay: RelayProc, cpu0: f64, wall: Duration) -> Run {
     let cpu = relay.cpu() - cpu0;
+    let flushes = match kind {
+        Kind::Tandem => client.block_on(relay_metric(relay.addr, "tandem_relay_flushes_total")),
+        Kind::Samod => None,
+    };
     // Let tasks finish and the allocator hand back what it will before reading RSS.
     std::thread::sleep(Duration::from_millis(500));
     let rss = relay.rss();
@@ -525,6 +606,7 @@ fn create_sync(client: &Runtime, kind: Kind, docs: usize) -> Run {
         cpu,
         cpu_to_exit,
         rss,
+        flushes,
     }
 }
 
@@ -568,10 +650,14 @@ async fn create_samod(name: &str, addr: SocketAddr, docs: usize) {
 
 fn create_section(client: &Runtime) {
     let sizes = [scaled(500), scaled(2_000), scaled(8_000)];
+    let runs = repeats();
     let mut per_doc = Vec::new();
     let mut owed: Vec<Option<f64>> = Vec::new();
     for (i, &d) in sizes.iter().enumerate() {
-        let t = create_sync(client, Kind::Tandem, d);
+        let tandem_runs: Vec<Run> = (0..runs)
+            .map(|_| create_sync(client, Kind::Tandem, d))
+            .collect();
+        let (t, range) = median_run(&tandem_runs, d);
         // samod at 8,000 runs for many minutes: a separate long run (TANDEM_VERSUS_SAMOD_8000=1).
         let s = (i < 2 || std::env::var("TANDEM_VERSUS_SAMOD_8000").is_ok())
             .then(|| create_sync(client, Kind::Samod, d));
@@ -587,7 +673,14 @@ fn create_section(client: &Runtime) {
             s.as_ref().map_or("–".into(), |s| {
                 times(s.wall.as_secs_f64(), t.wall.as_secs_f64())
             }),
-            if d == sizes[1] { "target ≥ 3×" } else { "" },
+            &[
+                (d == sizes[1]).then_some("target ≥ 3×"),
+                (runs > 1).then_some("tandem: medians of its runs"),
+            ]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join("; "),
         );
         let to_exit = |r: &Run| {
             r.cpu_to_exit.map_or(String::new(), |c| {
@@ -611,7 +704,16 @@ fn create_section(client: &Runtime) {
                 )
             }),
             s.as_ref().map_or("–".into(), |s| times(s.cpu, t.cpu)),
-            "",
+            &format!(
+                "tandem {:.0}–{:.0} µs/doc in {}{}",
+                range.0 * 1e6,
+                range.1 * 1e6,
+                plural(runs, "run"),
+                t.flushes.map_or(String::new(), |f| format!(
+                    "; {:.2} log flushes/doc",
+                    f as f64 / d as f64
+                ))
+            ),
         );
         row(
             &format!("… relay RSS after, {d} docs"),
@@ -646,6 +748,145 @@ fn create_section(client: &Runtime) {
         },
         "–".into(),
         "target: flat (≈ 1×)",
+    );
+    premade_rows(client, &sizes, runs);
+}
+
+/// The first change of each of `n` new notes, made ahead of a run, with a new document id each.
+fn premade_notes(n: usize) -> Vec<(DocId, Vec<u8>)> {
+    (0..n)
+        .map(|i| {
+            let doc = samod_note(i);
+            let change = doc
+                .get_last_local_change()
+                .expect("a change")
+                .raw_bytes()
+                .to_vec();
+            (DocId::random(), change)
+        })
+        .collect()
+}
+
+/// Push `docs` over one connection of its own (namespace `ns`), [`PREMADE_WINDOW`] pushes in
+/// flight, until every one is acknowledged.
+async fn push_premade(addr: SocketAddr, ns: String, docs: Vec<(DocId, Vec<u8>)>) {
+    let ws = tandem_raw(addr, &token(&ns, &[], &[&ns])).await;
+    let (mut tx, mut rx) = ws.split();
+    let total = docs.len();
+    let mut next = docs.into_iter().enumerate();
+    let (mut in_flight, mut acked) = (0usize, 0usize);
+    // Every answer is an ack or something else the relay sends (ignored): bounded.
+    for _ in 0..total * 4 + 64 {
+        while in_flight < PREMADE_WINDOW {
+            let Some((i, (doc, change))) = next.next() else {
+                break;
+            };
+            let push = ClientMsg::Push {
+                namespace: ns.clone(),
+                doc,
+                batch: i as u64,
+                changes: vec![change],
+            };
+            raw_send(&mut tx, &push).await;
+            in_flight += 1;
+        }
+        if acked == total {
+            return;
+        }
+        match raw_recv(&mut rx).await {
+            RelayMsg::Ack { .. } => {
+                acked += 1;
+                in_flight -= 1;
+            }
+            RelayMsg::Error { .. } | RelayMsg::NeedHistory { .. } => {
+                panic!("the relay refused a pre-made push")
+            }
+            _ => {}
+        }
+    }
+    panic!("{acked} of {total} pre-made pushes acknowledged");
+}
+
+/// Pushes each connection keeps in flight: what a device's sync does (its default
+/// `max_pushes_in_flight`).
+const PREMADE_WINDOW: usize = 8;
+
+/// The relay alone: the same new notes, made ahead and pushed by [`DEVICES`] bare connections
+/// that keep [`PREMADE_WINDOW`] pushes in flight, so the pace is the relay's at every size.
+/// With full devices the pace is theirs, and it slows as their own stores grow: the relay
+/// then gets fewer pushes per flush, which costs it CPU per document that is not the data it
+/// holds.
+fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
+    let mut per_doc = Vec::new();
+    for &d in sizes {
+        let mut all = Vec::new();
+        for _ in 0..runs {
+            let mut notes = premade_notes(d);
+            let dir = tempfile::tempdir().expect("tempdir");
+            let relay = RelayProc::start(Kind::Tandem, &dir.path().join("relay"));
+            let addr = relay.addr;
+            let cpu0 = relay.cpu();
+            let t0 = Instant::now();
+            client.block_on(async {
+                let mut tasks = Vec::new();
+                for dev in 0..DEVICES {
+                    let mine = d / DEVICES + usize::from(dev < d % DEVICES);
+                    let share: Vec<_> = notes.drain(..mine.min(notes.len())).collect();
+                    tasks.push(tokio::spawn(push_premade(addr, format!("raw{dev}"), share)));
+                }
+                for t in tasks {
+                    t.await.expect("pusher");
+                }
+            });
+            let wall = t0.elapsed();
+            all.push(finish_run(client, Kind::Tandem, relay, cpu0, wall));
+        }
+        let (t, range) = median_run(&all, d);
+        per_doc.push((t.cpu / d as f64, t.cpu_to_exit.map(|c| c / d as f64)));
+        row(
+            &format!("… relay alone, {d} pre-made docs: relay CPU"),
+            format!(
+                "{:.0} µs/doc{} ({:.0}/s)",
+                t.cpu / d as f64 * 1e6,
+                t.cpu_to_exit.map_or(String::new(), |c| format!(
+                    "; {:.0} µs/doc to its exit",
+                    c / d as f64 * 1e6
+                )),
+                d as f64 / t.wall.as_secs_f64()
+            ),
+            "–".into(),
+            "–".into(),
+            &format!(
+                "{:.0}–{:.0} µs/doc in {}{}",
+                range.0 * 1e6,
+                range.1 * 1e6,
+                plural(runs, "run"),
+                t.flushes.map_or(String::new(), |f| format!(
+                    "; {:.2} log flushes/doc",
+                    f as f64 / d as f64
+                ))
+            ),
+        );
+    }
+    row(
+        &format!(
+            "relay alone: CPU per doc, {} → {} docs",
+            sizes[0],
+            sizes[sizes.len() - 1]
+        ),
+        {
+            let (first, last) = (per_doc[0], per_doc[per_doc.len() - 1]);
+            let ratio = format!("{:.2}×", last.0 / first.0);
+            match (first.1, last.1) {
+                (Some(a), Some(b)) if a > 0.0 => {
+                    format!("{ratio} ({:.2}× to each relay's exit)", b / a)
+                }
+                _ => ratio,
+            }
+        },
+        "–".into(),
+        "–".into(),
+        "the devices' pace taken out (medians); target: flat (≈ 1×)",
     );
 }
 
