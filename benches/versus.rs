@@ -16,7 +16,8 @@
 //! Sections (`TANDEM_BENCH_ONLY=create,fanout,sustained,reconnect,cold,floors` picks some):
 //! - `create`: C = 4 devices create and sync D new documents (D = 500, 2,000 for both; 8,000
 //!   for tandem only): wall time, relay CPU (and tandem's log flushes per document), relay
-//!   RSS after; each tandem size runs 3 times (`TANDEM_VERSUS_REPEAT`) and gives medians.
+//!   RSS after; each tandem size runs 5 times (`TANDEM_VERSUS_REPEAT`), the sizes in turn,
+//!   and gives medians.
 //!   Then "relay alone": the same sizes pushed as pre-made notes by 4 bare connections with
 //!   8 pushes in flight each, so the relay sets the pace at every size (with devices, their
 //!   own growing stores slow them, and the relay gets fewer pushes per flush);
@@ -435,8 +436,12 @@ impl samod::Dialer for WsDialer {
     }
 }
 
+/// The bench's own WebSockets (samod's devices, bare connections): the same 16 KiB read
+/// buffer as tandem's client, rather than tungstenite's 128 KiB, which it zero-fills before
+/// every read.
 fn ws_config() -> WebSocketConfig {
     WebSocketConfig::default()
+        .read_buffer_size(16 << 10)
         .max_message_size(Some(MAX_FRAME))
         .max_frame_size(Some(MAX_FRAME))
 }
@@ -501,7 +506,7 @@ struct Run {
 
 /// How many times each tandem size of `create` runs; its rows give the medians. A run of
 /// 500 documents costs the relay a tenth of a second of CPU, which a busy host can move by
-/// half (`TANDEM_VERSUS_REPEAT`, default 3).
+/// half (`TANDEM_VERSUS_REPEAT`, default 5).
 fn repeats() -> usize {
     if std::env::args().any(|a| a == "--smoke") {
         return 1;
@@ -509,7 +514,7 @@ fn repeats() -> usize {
     std::env::var("TANDEM_VERSUS_REPEAT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(3)
+        .unwrap_or(5)
         .max(1)
 }
 
@@ -544,6 +549,19 @@ fn median_run(runs: &[Run], docs: usize) -> (Run, (f64, f64)) {
         flushes: (!flushes.is_empty()).then(|| median(flushes)),
     };
     (run, range)
+}
+
+/// `runs` runs of each size, the sizes taken in turn (500, 2,000, 8,000, 500, ...) so that a
+/// spell of load on the host falls on every size alike; the runs of each size, in `sizes`'
+/// order.
+fn interleaved(sizes: &[usize], runs: usize, mut run: impl FnMut(usize) -> Run) -> Vec<Vec<Run>> {
+    let mut out = vec![Vec::with_capacity(runs); sizes.len()];
+    for _ in 0..runs {
+        for (i, &d) in sizes.iter().enumerate() {
+            out[i].push(run(d));
+        }
+    }
+    out
 }
 
 /// One counter of the tandem relay's `/metrics`.
@@ -653,11 +671,9 @@ fn create_section(client: &Runtime) {
     let runs = repeats();
     let mut per_doc = Vec::new();
     let mut owed: Vec<Option<f64>> = Vec::new();
+    let tandem_runs = interleaved(&sizes, runs, |d| create_sync(client, Kind::Tandem, d));
     for (i, &d) in sizes.iter().enumerate() {
-        let tandem_runs: Vec<Run> = (0..runs)
-            .map(|_| create_sync(client, Kind::Tandem, d))
-            .collect();
-        let (t, range) = median_run(&tandem_runs, d);
+        let (t, range) = median_run(&tandem_runs[i], d);
         // samod at 8,000 runs for many minutes: a separate long run (TANDEM_VERSUS_SAMOD_8000=1).
         let s = (i < 2 || std::env::var("TANDEM_VERSUS_SAMOD_8000").is_ok())
             .then(|| create_sync(client, Kind::Samod, d));
@@ -818,30 +834,29 @@ const PREMADE_WINDOW: usize = 8;
 /// holds.
 fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
     let mut per_doc = Vec::new();
-    for &d in sizes {
-        let mut all = Vec::new();
-        for _ in 0..runs {
-            let mut notes = premade_notes(d);
-            let dir = tempfile::tempdir().expect("tempdir");
-            let relay = RelayProc::start(Kind::Tandem, &dir.path().join("relay"));
-            let addr = relay.addr;
-            let cpu0 = relay.cpu();
-            let t0 = Instant::now();
-            client.block_on(async {
-                let mut tasks = Vec::new();
-                for dev in 0..DEVICES {
-                    let mine = d / DEVICES + usize::from(dev < d % DEVICES);
-                    let share: Vec<_> = notes.drain(..mine.min(notes.len())).collect();
-                    tasks.push(tokio::spawn(push_premade(addr, format!("raw{dev}"), share)));
-                }
-                for t in tasks {
-                    t.await.expect("pusher");
-                }
-            });
-            let wall = t0.elapsed();
-            all.push(finish_run(client, Kind::Tandem, relay, cpu0, wall));
-        }
-        let (t, range) = median_run(&all, d);
+    let all = interleaved(sizes, runs, |d| {
+        let mut notes = premade_notes(d);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let relay = RelayProc::start(Kind::Tandem, &dir.path().join("relay"));
+        let addr = relay.addr;
+        let cpu0 = relay.cpu();
+        let t0 = Instant::now();
+        client.block_on(async {
+            let mut tasks = Vec::new();
+            for dev in 0..DEVICES {
+                let mine = d / DEVICES + usize::from(dev < d % DEVICES);
+                let share: Vec<_> = notes.drain(..mine.min(notes.len())).collect();
+                tasks.push(tokio::spawn(push_premade(addr, format!("raw{dev}"), share)));
+            }
+            for t in tasks {
+                t.await.expect("pusher");
+            }
+        });
+        let wall = t0.elapsed();
+        finish_run(client, Kind::Tandem, relay, cpu0, wall)
+    });
+    for (&d, runs_of_d) in sizes.iter().zip(&all) {
+        let (t, range) = median_run(runs_of_d, d);
         per_doc.push((t.cpu / d as f64, t.cpu_to_exit.map(|c| c / d as f64)));
         row(
             &format!("… relay alone, {d} pre-made docs: relay CPU"),

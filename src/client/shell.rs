@@ -44,6 +44,8 @@ const MAX_WAITERS: usize = 1024;
 const MAX_REPORTED_ISSUES: usize = 256;
 /// How long a graceful close may take before the socket is just dropped.
 const CLOSE_GRACE: Duration = Duration::from_secs(2);
+/// The WebSocket's read buffer (see its use in `open`).
+const READ_BUFFER: usize = 16 << 10;
 
 /// How to reach the relay and how to behave on the way.
 ///
@@ -554,7 +556,11 @@ async fn open(url: &str, cfg: &SyncConfig, max_frame: usize) -> Result<Ws, SyncE
             })?;
         request.headers_mut().insert(AUTHORIZATION, value);
     }
+    // tungstenite zero-fills its whole read buffer before every read from the socket: at its
+    // default 128 KiB that is most of what receiving a small change costs (and it evicts the
+    // caches). 16 KiB reads a large page in a few more reads.
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(max_frame))
         .max_frame_size(Some(max_frame));
     let connecting = tokio_tungstenite::connect_async_with_config(request, Some(config), true);
