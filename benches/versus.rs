@@ -16,7 +16,7 @@
 //! Sections (`TANDEM_BENCH_ONLY=create,fanout,sustained,reconnect,cold,floors` picks some):
 //! - `create`: C = 4 devices create and sync D new documents (D = 500, 2,000 for both; 8,000
 //!   for tandem only): wall time, relay CPU (and tandem's log flushes per document), relay
-//!   RSS after; each tandem size runs 5 times (`TANDEM_VERSUS_REPEAT`), the sizes in turn,
+//!   RSS after; each tandem size runs 3 times (`TANDEM_VERSUS_REPEAT`), the sizes in turn,
 //!   and gives medians.
 //!   Then "relay alone": the same sizes pushed as pre-made notes by 4 bare connections with
 //!   8 pushes in flight each, so the relay sets the pace at every size (with devices, their
@@ -506,7 +506,7 @@ struct Run {
 
 /// How many times each tandem size of `create` runs; its rows give the medians. A run of
 /// 500 documents costs the relay a tenth of a second of CPU, which a busy host can move by
-/// half (`TANDEM_VERSUS_REPEAT`, default 5).
+/// half (`TANDEM_VERSUS_REPEAT`, default 3).
 fn repeats() -> usize {
     if std::env::args().any(|a| a == "--smoke") {
         return 1;
@@ -514,7 +514,7 @@ fn repeats() -> usize {
     std::env::var("TANDEM_VERSUS_REPEAT")
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(5)
+        .unwrap_or(3)
         .max(1)
 }
 
@@ -834,8 +834,10 @@ const PREMADE_WINDOW: usize = 8;
 /// holds.
 fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
     let mut per_doc = Vec::new();
+    // Made once: each run has a relay of its own, so the same documents are new to each.
+    let made = premade_notes(sizes.iter().copied().max().unwrap_or(0));
     let all = interleaved(sizes, runs, |d| {
-        let mut notes = premade_notes(d);
+        let mut notes = made[..d].to_vec();
         let dir = tempfile::tempdir().expect("tempdir");
         let relay = RelayProc::start(Kind::Tandem, &dir.path().join("relay"));
         let addr = relay.addr;
