@@ -356,13 +356,76 @@ impl Shape {
     /// False if the change may have changed more than values and conflicts of the schema
     /// type's fields: then the shape must be read again.
     fn follow(&mut self, doc: &Automerge, schema: Option<&Schema>, keys: &[String]) -> bool {
+        if !self.follow_keys(doc, schema, keys.iter().map(String::as_str)) {
+            return false;
+        }
+        self.authored = true;
+        true
+    }
+
+    /// Bring the shape up to date after changes from elsewhere whose patches are `patches`
+    /// (what they made visible). False when the shape must be read again: a patch outside the
+    /// schema type's fields, or on the authors (whether this device's author is named may
+    /// have changed), or a critical field outside the type. A version joining a conflict
+    /// whose winner stays makes no patch, so every critical field's conflict is read again.
+    fn follow_patches(
+        &mut self,
+        doc: &Automerge,
+        schema: Option<&Schema>,
+        patches: &[automerge::Patch],
+    ) -> bool {
+        let critical = |f: &&crdt::FieldRef| f.strategy == crate::Strategy::Critical;
+        if self.fields[self.typed..].iter().any(|f| critical(&f)) {
+            return false;
+        }
+        let mut keys: BTreeSet<String> = self.fields[..self.typed]
+            .iter()
+            .filter(critical)
+            .map(|f| f.key.clone())
+            .collect();
+        for p in patches {
+            let key = match (p.path.first(), &p.action) {
+                (Some((_, automerge::Prop::Map(key))), _) => key,
+                (None, automerge::PatchAction::PutMap { key, .. })
+                | (None, automerge::PatchAction::DeleteMap { key })
+                | (
+                    None,
+                    automerge::PatchAction::Conflict {
+                        prop: automerge::Prop::Map(key),
+                    },
+                )
+                | (
+                    None,
+                    automerge::PatchAction::Increment {
+                        prop: automerge::Prop::Map(key),
+                        ..
+                    },
+                ) if p.obj == ROOT => key,
+                _ => return false,
+            };
+            if key == crdt::AUTHORS_KEY {
+                return false;
+            }
+            keys.insert(key.clone());
+        }
+        self.follow_keys(doc, schema, keys.iter().map(String::as_str))
+    }
+
+    /// The conflicts of the schema type's critical fields among `keys`, read again; false if a
+    /// key is not one of the type's fields (the bookkeeping `_authors` and `_deleted` aside).
+    fn follow_keys<'k>(
+        &mut self,
+        doc: &Automerge,
+        schema: Option<&Schema>,
+        keys: impl Iterator<Item = &'k str>,
+    ) -> bool {
         let view = View::new(doc, schema);
-        let keys: BTreeSet<&String> = keys.iter().collect();
+        let keys: BTreeSet<&str> = keys.collect();
         for key in keys {
             if key == crdt::AUTHORS_KEY || key == crdt::DELETED_KEY {
                 continue;
             }
-            let Some(f) = self.fields[..self.typed].iter().find(|f| &f.key == key) else {
+            let Some(f) = self.fields[..self.typed].iter().find(|f| f.key == key) else {
                 // A bookkeeping key, or a field outside the type: the field list may change.
                 return false;
             };
@@ -376,7 +439,6 @@ impl Shape {
                 None => self.conflicts.remove(&f.key),
             };
         }
-        self.authored = true;
         true
     }
 
@@ -1226,19 +1288,19 @@ impl Repo {
         let mut l = lock(&entry);
         let schema = self.schema();
         let before_heads = l.doc.get_heads();
-        let shape = self.take_shape(&mut l);
+        let mut shape = self.take_shape(&mut l);
         let before = shape.conflict_names();
-        l.shape = Some(shape);
         let fresh: Vec<Change> = parsed
             .into_iter()
             .filter(|c| l.doc.get_change_by_hash(&c.hash()).is_none())
             .collect();
         if fresh.is_empty() {
+            l.shape = Some(shape);
             return Ok(Applied::default());
         }
         let offered = fresh.len();
-        // Changes from elsewhere may change anything: the shape is read again after them.
-        l.shape = None;
+        // Changes from elsewhere may change anything: until their patches say what they
+        // changed, the document has no shape.
         let mut log = PatchLog::active();
         let applied = guarded(|| {
             l.doc
@@ -1270,10 +1332,18 @@ impl Repo {
             return Err(e.into());
         }
         l.meta = meta;
-        let shape = self.read_shape(&l.doc);
+        let am_patches = l.doc.make_patches(&mut log);
+        // Most changes from elsewhere write a few of the type's fields: then only those
+        // fields' conflicts are read again, not every field's history.
+        if !shape.follow_patches(&l.doc, schema, &am_patches) {
+            shape = self.read_shape(&l.doc);
+        }
+        // Every test run checks the followed shape against a fresh read.
+        #[cfg(debug_assertions)]
+        debug_assert_eq!(shape, self.read_shape(&l.doc), "followed shape of {id}");
         let after = shape.conflict_names();
         let now = l.doc.get_heads();
-        let patches = editing::convert_named(&shape.fields, l.doc.make_patches(&mut log)).into();
+        let patches = editing::convert_named(&shape.fields, am_patches).into();
         let status = self.status_with(id, &l.meta, &shape);
         l.shape = Some(shape);
         drop(l);
