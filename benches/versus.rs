@@ -77,14 +77,19 @@ const SECRET: &[u8] = b"versus-bench-secret-0123456789abcdef";
 /// Devices that create documents.
 const DEVICES: usize = 4;
 
-fn scale() -> f64 {
+/// `smoke` in the smoke run, else the environment variable `var` if it parses, else `default`.
+fn knob<T: std::str::FromStr>(smoke: T, var: &str, default: T) -> T {
     if std::env::args().any(|a| a == "--smoke") {
-        return 0.01;
+        return smoke;
     }
-    std::env::var("TANDEM_BENCH_SCALE")
+    std::env::var(var)
         .ok()
         .and_then(|s| s.parse().ok())
-        .unwrap_or(1.0)
+        .unwrap_or(default)
+}
+
+fn scale() -> f64 {
+    knob(0.01, "TANDEM_BENCH_SCALE", 1.0)
 }
 
 fn scaled(n: usize) -> usize {
@@ -508,14 +513,22 @@ struct Run {
 /// 500 documents costs the relay a tenth of a second of CPU, which a busy host can move by
 /// half (`TANDEM_VERSUS_REPEAT`, default 3).
 fn repeats() -> usize {
-    if std::env::args().any(|a| a == "--smoke") {
-        return 1;
-    }
-    std::env::var("TANDEM_VERSUS_REPEAT")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3)
-        .max(1)
+    knob(1, "TANDEM_VERSUS_REPEAT", 3).max(1)
+}
+
+/// A note on `runs` runs of `docs` documents: the range of CPU per document, and the median
+/// run's log flushes per document.
+fn spread(range: (f64, f64), runs: usize, median: &Run, docs: usize) -> String {
+    format!(
+        "{:.0}–{:.0} µs/doc in {}{}",
+        range.0 * 1e6,
+        range.1 * 1e6,
+        plural(runs, "run"),
+        median.flushes.map_or(String::new(), |f| format!(
+            "; {:.2} log flushes/doc",
+            f as f64 / docs as f64
+        ))
+    )
 }
 
 fn plural(n: usize, what: &str) -> String {
@@ -582,23 +595,36 @@ async fn relay_metric(addr: SocketAddr, name: &str) -> Option<u64> {
 }
 
 fn create_sync(client: &Runtime, kind: Kind, docs: usize) -> Run {
+    measured_run(client, kind, docs, |d, mine, addr| async move {
+        let name = format!("dev{d}");
+        match kind {
+            Kind::Tandem => create_tandem(&name, addr, mine).await,
+            Kind::Samod => create_samod(&name, addr, mine).await,
+        }
+    })
+}
+
+/// A new relay of `kind`, and [`DEVICES`] tasks, `device(index, its share of docs, address)`,
+/// run to their end; the relay's figures for that.
+fn measured_run<Fut>(
+    client: &Runtime,
+    kind: Kind,
+    docs: usize,
+    mut device: impl FnMut(usize, usize, SocketAddr) -> Fut,
+) -> Run
+where
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = RelayProc::start(kind, &dir.path().join("relay"));
     let addr = relay.addr;
     let cpu0 = relay.cpu();
     let t0 = Instant::now();
+    let devices: Vec<Fut> = (0..DEVICES)
+        .map(|d| device(d, docs / DEVICES + usize::from(d < docs % DEVICES), addr))
+        .collect();
     client.block_on(async {
-        let mut tasks = Vec::new();
-        for d in 0..DEVICES {
-            let mine = docs / DEVICES + usize::from(d < docs % DEVICES);
-            tasks.push(tokio::spawn(async move {
-                let name = format!("dev{d}");
-                match kind {
-                    Kind::Tandem => create_tandem(&name, addr, mine).await,
-                    Kind::Samod => create_samod(&name, addr, mine).await,
-                }
-            }));
-        }
+        let tasks: Vec<_> = devices.into_iter().map(tokio::spawn).collect();
         for t in tasks {
             t.await.expect("device");
         }
@@ -720,16 +746,7 @@ fn create_section(client: &Runtime) {
                 )
             }),
             s.as_ref().map_or("–".into(), |s| times(s.cpu, t.cpu)),
-            &format!(
-                "tandem {:.0}–{:.0} µs/doc in {}{}",
-                range.0 * 1e6,
-                range.1 * 1e6,
-                plural(runs, "run"),
-                t.flushes.map_or(String::new(), |f| format!(
-                    "; {:.2} log flushes/doc",
-                    f as f64 / d as f64
-                ))
-            ),
+            &format!("tandem {}", spread(range, runs, &t, d)),
         );
         row(
             &format!("… relay RSS after, {d} docs"),
@@ -838,24 +855,10 @@ fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
     let made = premade_notes(sizes.iter().copied().max().unwrap_or(0));
     let all = interleaved(sizes, runs, |d| {
         let mut notes = made[..d].to_vec();
-        let dir = tempfile::tempdir().expect("tempdir");
-        let relay = RelayProc::start(Kind::Tandem, &dir.path().join("relay"));
-        let addr = relay.addr;
-        let cpu0 = relay.cpu();
-        let t0 = Instant::now();
-        client.block_on(async {
-            let mut tasks = Vec::new();
-            for dev in 0..DEVICES {
-                let mine = d / DEVICES + usize::from(dev < d % DEVICES);
-                let share: Vec<_> = notes.drain(..mine.min(notes.len())).collect();
-                tasks.push(tokio::spawn(push_premade(addr, format!("raw{dev}"), share)));
-            }
-            for t in tasks {
-                t.await.expect("pusher");
-            }
-        });
-        let wall = t0.elapsed();
-        finish_run(client, Kind::Tandem, relay, cpu0, wall)
+        measured_run(client, Kind::Tandem, d, |dev, mine, addr| {
+            let share: Vec<_> = notes.drain(..mine.min(notes.len())).collect();
+            push_premade(addr, format!("raw{dev}"), share)
+        })
     });
     for (&d, runs_of_d) in sizes.iter().zip(&all) {
         let (t, range) = median_run(runs_of_d, d);
@@ -873,16 +876,7 @@ fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
             ),
             "–".into(),
             "–".into(),
-            &format!(
-                "{:.0}–{:.0} µs/doc in {}{}",
-                range.0 * 1e6,
-                range.1 * 1e6,
-                plural(runs, "run"),
-                t.flushes.map_or(String::new(), |f| format!(
-                    "; {:.2} log flushes/doc",
-                    f as f64 / d as f64
-                ))
-            ),
+            &spread(range, runs, &t, d),
         );
     }
     row(
