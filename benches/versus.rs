@@ -18,9 +18,10 @@
 //!   for tandem only): wall time, relay CPU (and tandem's log flushes per document), relay
 //!   RSS after; each tandem size runs 3 times (`TANDEM_VERSUS_REPEAT`), the sizes in turn,
 //!   and gives medians.
-//!   Then "relay alone": the same sizes pushed as pre-made notes by 4 bare connections with
-//!   8 pushes in flight each, so the relay sets the pace at every size (with devices, their
-//!   own growing stores slow them, and the relay gets fewer pushes per flush);
+//!   Then "relay alone": the same sizes pushed as pre-made notes (samod's kind) by 4 bare
+//!   connections with 8 pushes in flight each, so the relay sets the pace at every size
+//!   (with devices, their own growing stores slow them, and the relay gets fewer pushes per
+//!   flush);
 //! - `fanout`: one small change to 20 and to 100 subscribers of one document: p50/p99 from
 //!   the writer's change to each subscriber's change event;
 //! - `sustained`: 8 devices, each change then wait for the relay to have it, at rising
@@ -517,7 +518,7 @@ fn repeats() -> usize {
 }
 
 /// A note on `runs` runs of `docs` documents: the range of CPU per document, and the median
-/// run's log flushes per document.
+/// of the runs' log flushes per document.
 fn spread(range: (f64, f64), runs: usize, median: &Run, docs: usize) -> String {
     format!(
         "{:.0}–{:.0} µs/doc in {}{}",
@@ -539,6 +540,7 @@ fn plural(n: usize, what: &str) -> String {
     }
 }
 
+/// The middle value (of an even count, the upper of the two middle ones).
 fn median<T: Copy + PartialOrd>(mut v: Vec<T>) -> T {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap_or(std::cmp::Ordering::Equal));
     v[v.len() / 2]
@@ -579,14 +581,16 @@ fn interleaved(sizes: &[usize], runs: usize, mut run: impl FnMut(usize) -> Run) 
 
 /// One counter of the tandem relay's `/metrics`.
 async fn relay_metric(addr: SocketAddr, name: &str) -> Option<u64> {
-    let mut tcp = tokio::time::timeout(WAIT, TcpStream::connect(addr))
+    // A relay that cannot answer this in seconds has a problem the run will show elsewhere.
+    let wait = Duration::from_secs(5);
+    let mut tcp = tokio::time::timeout(wait, TcpStream::connect(addr))
         .await
         .ok()?
         .ok()?;
-    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    let request = format!("GET /metrics HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     tcp.write_all(request.as_bytes()).await.ok()?;
     let mut body = String::new();
-    tokio::time::timeout(WAIT, tcp.read_to_string(&mut body))
+    tokio::time::timeout(wait, tcp.read_to_string(&mut body))
         .await
         .ok()?
         .ok()?;
@@ -844,7 +848,8 @@ async fn push_premade(addr: SocketAddr, ns: String, docs: Vec<(DocId, Vec<u8>)>)
 /// `max_pushes_in_flight`).
 const PREMADE_WINDOW: usize = 8;
 
-/// The relay alone: the same new notes, made ahead and pushed by [`DEVICES`] bare connections
+/// The relay alone: new notes (samod's devices' kind: one change of 377 B, without tandem's
+/// bookkeeping keys), made ahead and pushed by [`DEVICES`] bare connections
 /// that keep [`PREMADE_WINDOW`] pushes in flight, so the pace is the relay's at every size.
 /// With full devices the pace is theirs, and it slows as their own stores grow: the relay
 /// then gets fewer pushes per flush, which costs it CPU per document that is not the data it

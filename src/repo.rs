@@ -1320,6 +1320,8 @@ impl Repo {
             .map(|c| c.raw_bytes().to_vec())
             .collect();
         if added.is_empty() {
+            // All of them wait for dependencies: the document is as it was.
+            l.shape = Some(shape);
             return Ok(Applied {
                 applied: 0,
                 missing_deps: offered,

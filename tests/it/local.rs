@@ -120,6 +120,57 @@ fn two_stores_merge_notes_and_settle_a_critical_conflict() {
     assert!(last.fields.contains(&"title".to_string()));
 }
 
+/// Changes from elsewhere update a loaded document's conflicts without reading every field
+/// again (debug builds compare with a fresh read after each): a third version joins an open
+/// conflict, and a decision made elsewhere closes it. Each store joins last once (Automerge
+/// orders concurrent versions by actor, so the joiner wins in one round at most).
+#[test]
+fn a_conflict_grows_and_closes_by_changes_from_elsewhere() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let stores = [
+        open(dirs[0].path(), "alice", note_schema()),
+        open(dirs[1].path(), "bob", note_schema()),
+        open(dirs[2].path(), "carol", note_schema()),
+    ];
+    for round in 0..3 {
+        let [x, y, z] = [0, 1, 2].map(|i| &stores[(i + round) % 3]);
+        let id = x
+            .create(
+                "note",
+                json!({"title": "Plan", "body": "", "pinned": false}),
+            )
+            .unwrap();
+        exchange(x, y, &id);
+        exchange(x, z, &id);
+        for (r, title) in [(x, "Plan X"), (y, "Plan Y"), (z, "Plan Z")] {
+            r.change(&id, |tx| tx.set("title", title)).unwrap();
+        }
+        exchange(x, y, &id);
+        assert_eq!(x.conflicts(&id, false).unwrap()[0].versions.len(), 2);
+        let mut events_x = x.subscribe();
+        // z's version reaches x, and x's and y's reach z.
+        exchange(x, z, &id);
+        for r in [x, z] {
+            assert_eq!(r.get(&id).unwrap().conflicts, vec!["title".to_string()]);
+            assert_eq!(r.conflicts(&id, false).unwrap()[0].versions.len(), 3);
+        }
+        // y decides after seeing all three; x hears the conflict close.
+        exchange(y, z, &id);
+        y.resolve(&id, "title", json!("Plan D")).unwrap();
+        exchange(x, y, &id);
+        let heard: Vec<Event> = std::iter::from_fn(|| events_x.try_recv().ok()).collect();
+        assert!(
+            heard
+                .iter()
+                .any(|e| matches!(e, Event::ConflictResolved { field, .. } if field == "title")),
+            "{heard:?}"
+        );
+        let e = x.get(&id).unwrap();
+        assert_eq!(e.value["title"], "Plan D");
+        assert!(e.conflicts.is_empty());
+    }
+}
+
 #[test]
 fn history_points_and_diffs() {
     let dir = tempfile::tempdir().unwrap();
