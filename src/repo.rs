@@ -366,8 +366,9 @@ impl Shape {
     /// Bring the shape up to date after changes from elsewhere whose patches are `patches`
     /// (what they made visible). False when the shape must be read again: a patch outside the
     /// schema type's fields, or on the authors (whether this device's author is named may
-    /// have changed), or a critical field outside the type. A version joining a conflict
-    /// whose winner stays makes no patch, so every critical field's conflict is read again.
+    /// have changed), or a critical field outside the type. A conflict's versions can change
+    /// without a patch (the simulation found a third version joining one whose winner stayed),
+    /// so every critical field's conflict is read again.
     fn follow_patches(
         &mut self,
         doc: &Automerge,

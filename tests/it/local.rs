@@ -6,6 +6,13 @@ use tandem::{DocStatus, Event};
 
 use crate::support::{exchange, note_schema, open};
 
+/// Whether `heard` tells of the conflict on `field` closing.
+fn resolved(heard: &[Event], field: &str) -> bool {
+    heard
+        .iter()
+        .any(|e| matches!(e, Event::ConflictResolved { field: f, .. } if f == field))
+}
+
 #[test]
 fn two_stores_merge_notes_and_settle_a_critical_conflict() {
     let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
@@ -86,12 +93,7 @@ fn two_stores_merge_notes_and_settle_a_critical_conflict() {
     // the chosen value and no conflict.
     b.resolve(&id, "title", json!("Shopping (Sat)")).unwrap();
     let heard: Vec<Event> = std::iter::from_fn(|| events_b.try_recv().ok()).collect();
-    assert!(
-        heard
-            .iter()
-            .any(|e| matches!(e, Event::ConflictResolved { field, .. } if field == "title")),
-        "{heard:?}"
-    );
+    assert!(resolved(&heard, "title"), "{heard:?}");
     assert!(
         heard.iter().any(|e| matches!(
             e,
@@ -159,12 +161,7 @@ fn a_conflict_grows_and_closes_by_changes_from_elsewhere() {
         y.resolve(&id, "title", json!("Plan D")).unwrap();
         exchange(x, y, &id);
         let heard: Vec<Event> = std::iter::from_fn(|| events_x.try_recv().ok()).collect();
-        assert!(
-            heard
-                .iter()
-                .any(|e| matches!(e, Event::ConflictResolved { field, .. } if field == "title")),
-            "{heard:?}"
-        );
+        assert!(resolved(&heard, "title"), "{heard:?}");
         let e = x.get(&id).unwrap();
         assert_eq!(e.value["title"], "Plan D");
         assert!(e.conflicts.is_empty());
