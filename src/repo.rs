@@ -547,6 +547,15 @@ impl Repo {
             let store = Store::from_backend(Box::new(backend), Some(path.to_path_buf()))?;
             return Ok(Repo::with_store(store, opts));
         }
+        if crate::relay::log::RelayLog::needs_upgrade(&backend)? {
+            return Err(StoreError::Io(format!(
+                "{} holds relay data in an older storage format: start the relay on it once \
+                 (`tandem relay --data {}`), which upgrades it, then read it",
+                path.display(),
+                path.display()
+            ))
+            .into());
+        }
         let log = crate::relay::log::RelayLog::with_backend(Box::new(backend))?;
         let repo = Repo::with_store(Store::in_memory(), opts);
         for (id, rec) in log.documents()? {

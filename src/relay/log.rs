@@ -7,19 +7,22 @@
 //! duplicate, a reuse of an (actor, seq) with other bytes, or missing a dependency is decided
 //! from the hash index alone. It loads a document only to compact its log.
 //!
-//! Key spaces (one sled tree, a tag byte in front, big-endian numbers):
+//! Key spaces (one sled tree, a tag byte in front, big-endian numbers). A document's own keys
+//! sit together under `d` and its id, so that a push touches one place in the tree, not one
+//! per index:
 //!
-//! | tag | key | value |
-//! |---|---|---|
-//! | `D` | doc | [`DocRecord`] |
-//! | `L` | doc, seq, chunk | a chunk (≤ 4 KiB) of the change with that log seq |
-//! | `I` | doc, seq | total log bytes up to and including seq (for `remaining_bytes`) |
-//! | `H` | doc, hash | seq of the change with that hash |
-//! | `A` | doc, actor len, actor, actor seq | hash of that (actor, seq) |
-//! | `F` | namespace, 0, position | feed entry: doc, seq |
-//! | `P` | namespace, 0, doc | position of the doc's latest feed entry (older ones are dropped) |
-//! | `S` | doc, generation, chunk | a chunk of a compacted snapshot |
-//! | `R` | name | relay metadata: identity, feed position counter |
+//! | key | value |
+//! |---|---|
+//! | `d`, doc, 0 | the document's [`DocRecord`] and the position of its latest feed entry |
+//! | `d`, doc, `L`, seq, chunk | a chunk (≤ 4 KiB) of: total log bytes up to and including seq (8 bytes, for `remaining_bytes`), then the change with that log seq |
+//! | `d`, doc, `H`, hash | seq of the change with that hash |
+//! | `d`, doc, `A`, actor len, actor, actor seq | hash of that (actor, seq) |
+//! | `d`, doc, `S`, generation, chunk | a chunk of a compacted snapshot |
+//! | `F`, namespace, 0, position | feed entry: doc, seq (one per document: older ones are dropped) |
+//! | `R`, name | relay metadata: identity, feed position counter, format |
+//!
+//! Format 1 (before `R format`) kept each index under its own tag in front of the document
+//! id; [`RelayLog::with_backend`] rewrites such data into this layout once (see `upgrade`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -36,15 +39,21 @@ use crate::store::{
 };
 use crate::transport::FeedEntry;
 
-const T_DOC: u8 = b'D';
-const T_LOG: u8 = b'L';
-const T_CUM: u8 = b'I';
-const T_HASH: u8 = b'H';
-const T_ACTOR: u8 = b'A';
+/// A document's keys.
+const T_DOCS: u8 = b'd';
 const T_FEED: u8 = b'F';
-const T_FEEDPOS: u8 = b'P';
-const T_SNAP: u8 = b'S';
 const T_META: u8 = b'R';
+/// Within a document's keys: its record first, so that [`RelayLog::documents`] finds each
+/// document's record as the first of its keys.
+const D_RECORD: u8 = 0;
+const D_ACTOR: u8 = b'A';
+const D_HASH: u8 = b'H';
+const D_LOG: u8 = b'L';
+const D_SNAP: u8 = b'S';
+/// Where the part of a document key after its sub-tag starts: `d`, 16 bytes of id, sub-tag.
+const D_REST: usize = 18;
+/// The storage layout this code writes (`R format`).
+const FORMAT: u8 = 2;
 
 /// The relay's default page cache (see [`RelayLog::open_with_cache`]). A push reads only the
 /// pushed document's record and hash index and writes its log tail, and a pull mostly reads
@@ -155,6 +164,18 @@ fn ns_key(tag: u8, ns: &str, rest: &[&[u8]]) -> Vec<u8> {
     k
 }
 
+/// A key among `doc`'s own.
+fn doc_key(sub: u8, doc: &DocId, rest: &[&[u8]]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(D_REST + 48);
+    k.push(T_DOCS);
+    k.extend_from_slice(doc.as_bytes());
+    k.push(sub);
+    for r in rest {
+        k.extend_from_slice(r);
+    }
+    k
+}
+
 fn meta_key(name: &str) -> Vec<u8> {
     let mut k = vec![T_META];
     k.extend_from_slice(name.as_bytes());
@@ -165,14 +186,30 @@ fn cfg() -> impl bincode::config::Config {
     bincode::config::standard().with_limit::<CHUNK>()
 }
 
-fn encode_record(r: &DocRecord) -> Result<Vec<u8>, StoreError> {
-    bincode::serde::encode_to_vec(r, cfg()).map_err(|e| StoreError::Io(e.to_string()))
+/// A document's record as stored: with the position of its latest feed entry (0: none).
+fn encode_record(r: &DocRecord, feed_pos: u64) -> Result<Vec<u8>, StoreError> {
+    bincode::serde::encode_to_vec((r, feed_pos), cfg()).map_err(|e| StoreError::Io(e.to_string()))
 }
 
-fn decode_record(b: &[u8]) -> Result<DocRecord, StoreError> {
+fn decode_record(b: &[u8]) -> Result<(DocRecord, u64), StoreError> {
     bincode::serde::decode_from_slice(b, cfg())
         .map(|(r, _)| r)
         .map_err(|e| StoreError::Corrupt(format!("document record: {e}")))
+}
+
+/// A log entry as stored: the log's total bytes up to and including it, then the change.
+fn log_value(cum: u64, change: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(8 + change.len());
+    v.extend_from_slice(&cum.to_be_bytes());
+    v.extend_from_slice(change);
+    v
+}
+
+/// (total log bytes up to and including it, the change) of a stored log entry.
+fn split_log_value(mut v: Vec<u8>) -> Result<(u64, Vec<u8>), StoreError> {
+    let cum = be_u64(&v).ok_or_else(|| StoreError::Corrupt("log entry".into()))?;
+    v.drain(..8);
+    Ok((cum, v))
 }
 
 /// A namespace name the relay accepts: it is part of keys, so no NUL, and bounded; and not
@@ -235,7 +272,23 @@ impl RelayLog {
                 .map_err(|_| StoreError::Corrupt("relay id".into()))?,
             None => {
                 batch.put(meta_key("id"), relay_id.to_vec());
+                batch.put(meta_key("format"), vec![FORMAT]);
                 relay_id
+            }
+        };
+        let upgrade_from = match backend.get(&meta_key("format"))?.as_deref() {
+            _ if !batch.is_empty() => None,
+            None => Some(1),
+            Some([FORMAT]) => None,
+            Some(other) => {
+                let found = match other {
+                    [v] => v.to_string(),
+                    _ => format!("0x{}", hex::encode(other)),
+                };
+                return Err(StoreError::Corrupt(format!(
+                    "relay data in storage format {found}: this tandem reads format {FORMAT} \
+                     (and upgrades format 1); a newer tandem wrote it"
+                )));
             }
         };
         let feed_pos = match backend.get(&meta_key("feedpos"))? {
@@ -256,7 +309,16 @@ impl RelayLog {
             log.commit.write(&*log.backend, batch)?;
             log.durable()?;
         }
+        if upgrade_from.is_some() {
+            log.upgrade()?;
+        }
         Ok(log)
+    }
+
+    /// Whether `backend` holds relay data in an older storage format, which opening it as a
+    /// [`RelayLog`] rewrites.
+    pub fn needs_upgrade(backend: &dyn Backend) -> Result<bool, StoreError> {
+        Ok(backend.get(&meta_key("id"))?.is_some() && backend.get(&meta_key("format"))?.is_none())
     }
 
     /// Give the relay a new identity (after restoring an older backup): devices then reset
@@ -276,6 +338,74 @@ impl RelayLog {
         self.relay_id
     }
 
+    /// Rewrite format-1 data into this layout: one document per batch (its old keys removed
+    /// in the same batch), so a crash part way leaves every document whole in one layout or
+    /// the other and the next open goes on where this one stopped; `R format` last.
+    fn upgrade(&self) -> Result<(), StoreError> {
+        const V1_DOC: u8 = b'D';
+        const V1_LOG: u8 = b'L';
+        const V1_CUM: u8 = b'I';
+        const V1_FEEDPOS: u8 = b'P';
+        // Indexes whose entries keep their key's tail and value.
+        const V1_MOVED: [(u8, u8); 3] = [(b'H', D_HASH), (b'A', D_ACTOR), (b'S', D_SNAP)];
+        let mut upgraded = 0u64;
+        while let Some((k, v)) = self.backend.scan_from(&[V1_DOC], &[V1_DOC], 1)?.pop() {
+            let doc = DocId(
+                k.get(1..)
+                    .and_then(|id| id.try_into().ok())
+                    .ok_or_else(|| StoreError::Corrupt("format-1 document key".into()))?,
+            );
+            let rec: DocRecord = bincode::serde::decode_from_slice(&v, cfg())
+                .map(|(r, _)| r)
+                .map_err(|e| StoreError::Corrupt(format!("format-1 record of {doc}: {e}")))?;
+            let mut batch = Batch::default();
+            let pos_key = ns_key(V1_FEEDPOS, &rec.namespace, &[doc.as_bytes()]);
+            let feed_pos = match self.backend.get(&pos_key)? {
+                Some(p) => be_u64(&p).ok_or_else(|| StoreError::Corrupt("feed position".into()))?,
+                None => 0,
+            };
+            batch.remove(pos_key);
+            // Each entry's running total, counted back from the log's total at its head.
+            let mut cum = rec.log_bytes;
+            for (seq, change) in read_values(&*self.backend, &key(V1_LOG, &doc, &[]))?
+                .into_iter()
+                .rev()
+            {
+                put_chunks(
+                    &mut batch,
+                    doc_key(D_LOG, &doc, &[&seq.to_be_bytes()]),
+                    &log_value(cum, &change),
+                    2,
+                );
+                cum = cum.saturating_sub(change.len() as u64);
+            }
+            for tag in [V1_LOG, V1_CUM] {
+                for k in self.backend.scan_keys(&key(tag, &doc, &[]))? {
+                    batch.remove(k);
+                }
+            }
+            for (old, new) in V1_MOVED {
+                for (k, v) in self.backend.scan(&key(old, &doc, &[]))? {
+                    batch.put(doc_key(new, &doc, &[&k[17..]]), v);
+                    batch.remove(k);
+                }
+            }
+            batch.put(doc_key(D_RECORD, &doc, &[]), encode_record(&rec, feed_pos)?);
+            batch.remove(k);
+            self.commit.write(&*self.backend, batch)?;
+            upgraded += 1;
+        }
+        let mut batch = Batch::default();
+        batch.put(meta_key("format"), vec![FORMAT]);
+        self.commit.write(&*self.backend, batch)?;
+        self.durable()?;
+        tracing::info!(
+            documents = upgraded,
+            "relay data upgraded to storage format {FORMAT}"
+        );
+        Ok(())
+    }
+
     /// Make everything applied so far durable (group commit).
     pub fn durable(&self) -> Result<(), StoreError> {
         self.commit.sync(&*self.backend)
@@ -288,8 +418,13 @@ impl RelayLog {
 
     /// A document's record.
     pub fn record(&self, doc: &DocId) -> Result<Option<DocRecord>, StoreError> {
+        Ok(self.stored_record(doc)?.map(|(r, _)| r))
+    }
+
+    /// A document's record and the position of its latest feed entry.
+    fn stored_record(&self, doc: &DocId) -> Result<Option<(DocRecord, u64)>, StoreError> {
         self.backend
-            .get(&key(T_DOC, doc, &[]))?
+            .get(&doc_key(D_RECORD, doc, &[]))?
             .map(|b| decode_record(&b))
             .transpose()
     }
@@ -297,9 +432,9 @@ impl RelayLog {
     /// Every namespace that has documents (for the hello of an unauthenticated relay).
     pub fn namespaces(&self) -> Result<Vec<String>, StoreError> {
         let mut out: Vec<String> = Vec::new();
-        let mut start = vec![T_FEEDPOS];
+        let mut start = vec![T_FEED];
         loop {
-            let found = self.backend.scan_from(&[T_FEEDPOS], &start, 1)?;
+            let found = self.backend.scan_from(&[T_FEED], &start, 1)?;
             let Some((k, _)) = found.first() else { break };
             let end = k[1..]
                 .iter()
@@ -308,7 +443,7 @@ impl RelayLog {
                 .unwrap_or(k.len());
             let ns = String::from_utf8_lossy(&k[1..end]).to_string();
             // Jump past every key of this namespace.
-            start = vec![T_FEEDPOS];
+            start = vec![T_FEED];
             start.extend_from_slice(ns.as_bytes());
             start.push(1);
             out.push(ns);
@@ -361,15 +496,18 @@ impl RelayLog {
             });
         }
         let guard = self.append.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rec = match self.record(doc)? {
-            Some(r) if r.namespace != namespace => {
+        let (mut rec, old_pos) = match self.stored_record(doc)? {
+            Some((r, _)) if r.namespace != namespace => {
                 return Err(PushError::WrongNamespace(r.namespace))
             }
             Some(r) => r,
-            None => DocRecord {
-                namespace: namespace.to_string(),
-                ..DocRecord::default()
-            },
+            None => (
+                DocRecord {
+                    namespace: namespace.to_string(),
+                    ..DocRecord::default()
+                },
+                0,
+            ),
         };
         let mut batch = Batch::default();
         let mut in_batch: HashMap<ChangeHash, u64> = HashMap::new();
@@ -383,7 +521,7 @@ impl RelayLog {
                 seqs.push(*seq);
                 continue;
             }
-            if let Some(v) = self.backend.get(&key(T_HASH, doc, &[&hash.0]))? {
+            if let Some(v) = self.backend.get(&doc_key(D_HASH, doc, &[&hash.0]))? {
                 seqs.push(be_u64(&v).ok_or_else(|| StoreError::Corrupt("hash index".into()))?);
                 self.stats.changes_duplicate.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -396,7 +534,7 @@ impl RelayLog {
                 });
             };
             let actor_key_at =
-                |seq: u64| key(T_ACTOR, doc, &[&[actor_len], actor, &seq.to_be_bytes()]);
+                |seq: u64| doc_key(D_ACTOR, doc, &[&[actor_len], actor, &seq.to_be_bytes()]);
             let actor_key = actor_key_at(c.seq());
             if in_batch_actor.contains(&(actor.to_vec(), c.seq()))
                 || self.backend.get(&actor_key)?.is_some()
@@ -427,7 +565,10 @@ impl RelayLog {
             }
             for dep in c.deps() {
                 if !in_batch.contains_key(dep)
-                    && self.backend.get(&key(T_HASH, doc, &[&dep.0]))?.is_none()
+                    && self
+                        .backend
+                        .get(&doc_key(D_HASH, doc, &[&dep.0]))?
+                        .is_none()
                 {
                     return Err(PushError::NeedHistory { index });
                 }
@@ -436,12 +577,13 @@ impl RelayLog {
             let seq = rec.head;
             let bytes = &changes[index];
             rec.log_bytes += bytes.len() as u64;
-            put_chunks(&mut batch, key(T_LOG, doc, &[&seq.to_be_bytes()]), bytes, 2);
-            batch.put(
-                key(T_CUM, doc, &[&seq.to_be_bytes()]),
-                rec.log_bytes.to_be_bytes().to_vec(),
+            put_chunks(
+                &mut batch,
+                doc_key(D_LOG, doc, &[&seq.to_be_bytes()]),
+                &log_value(rec.log_bytes, bytes),
+                2,
             );
-            batch.put(key(T_HASH, doc, &[&hash.0]), seq.to_be_bytes().to_vec());
+            batch.put(doc_key(D_HASH, doc, &[&hash.0]), seq.to_be_bytes().to_vec());
             batch.put(actor_key, hash.0.to_vec());
             in_batch.insert(hash, seq);
             in_batch_actor.insert((actor.to_vec(), c.seq()));
@@ -450,17 +592,15 @@ impl RelayLog {
         }
         if !new_changes.is_empty() {
             // One feed entry per document: the newest supersedes the older one.
-            let pos_key = ns_key(T_FEEDPOS, namespace, &[doc.as_bytes()]);
-            if let Some(old) = self.backend.get(&pos_key)? {
-                batch.remove(ns_key(T_FEED, namespace, &[&old]));
+            if old_pos > 0 {
+                batch.remove(ns_key(T_FEED, namespace, &[&old_pos.to_be_bytes()]));
             }
             let pos = self.feed_pos.fetch_add(1, Ordering::SeqCst) + 1;
             let mut entry = doc.as_bytes().to_vec();
             entry.extend_from_slice(&rec.head.to_be_bytes());
             batch.put(ns_key(T_FEED, namespace, &[&pos.to_be_bytes()]), entry);
-            batch.put(pos_key, pos.to_be_bytes().to_vec());
             batch.put(meta_key("feedpos"), pos.to_be_bytes().to_vec());
-            batch.put(key(T_DOC, doc, &[]), encode_record(&rec)?);
+            batch.put(doc_key(D_RECORD, doc, &[]), encode_record(&rec, pos)?);
             self.commit.write(&*self.backend, batch)?;
             self.stats
                 .changes_accepted
@@ -518,26 +658,22 @@ impl RelayLog {
         let from = after.saturating_add(1);
         let mut changes: Vec<Vec<u8>> = Vec::new();
         let mut bytes = 0u64;
+        // The log's total bytes up to the last change in the page: all of it when none is.
+        let mut cum_to = rec.log_bytes;
         let mut seq = from;
         while seq <= rec.head {
-            let change = read_value(
-                &*self.backend,
-                &key(T_LOG, doc, &[&seq.to_be_bytes()]),
-                None,
-            )?
-            .ok_or_else(|| StoreError::Corrupt(format!("log of {doc} lacks seq {seq}")))?;
+            let (cum, change) = self
+                .log_value(doc, seq)?
+                .ok_or_else(|| StoreError::Corrupt(format!("log of {doc} lacks seq {seq}")))?;
             if !changes.is_empty() && bytes + change.len() as u64 > max_bytes {
                 break;
             }
             bytes += change.len() as u64;
             changes.push(change);
+            cum_to = cum;
             seq += 1;
         }
         let to = from + changes.len() as u64 - 1;
-        let cum_to = match self.backend.get(&key(T_CUM, doc, &[&to.to_be_bytes()]))? {
-            Some(v) => be_u64(&v).unwrap_or(rec.log_bytes),
-            None => rec.log_bytes,
-        };
         self.stats
             .pulled_changes
             .fetch_add(changes.len() as u64, Ordering::Relaxed);
@@ -590,11 +726,16 @@ impl RelayLog {
     /// Every document: (id, record).
     pub fn documents(&self) -> Result<Vec<(DocId, DocRecord)>, StoreError> {
         let mut out = Vec::new();
-        for (k, v) in self.backend.scan(&[T_DOC])? {
-            let id: [u8; 16] = k[1..]
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("document key".into()))?;
-            out.push((DocId(id), decode_record(&v)?));
+        let mut start = vec![T_DOCS];
+        // A document's record is the first of its keys: read it, then jump past the rest.
+        while let Some((k, v)) = self.backend.scan_from(&[T_DOCS], &start, 1)?.pop() {
+            let id: [u8; 16] = k
+                .get(1..17)
+                .and_then(|id| id.try_into().ok())
+                .filter(|_| k.get(17) == Some(&D_RECORD))
+                .ok_or_else(|| StoreError::Corrupt("a document without its record".into()))?;
+            out.push((DocId(id), decode_record(&v)?.0));
+            start = doc_key(u8::MAX, &DocId(id), &[]);
         }
         Ok(out)
     }
@@ -603,9 +744,9 @@ impl RelayLog {
     /// (from the hash index). For `tandem migrate-relay`.
     pub fn log_hashes(&self, doc: &DocId) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
         let mut out = Vec::new();
-        for (k, v) in self.backend.scan(&key(T_HASH, doc, &[]))? {
+        for (k, v) in self.backend.scan(&doc_key(D_HASH, doc, &[]))? {
             let hash: [u8; 32] = k
-                .get(17..)
+                .get(D_REST..)
                 .and_then(|h| h.try_into().ok())
                 .ok_or_else(|| StoreError::Corrupt("hash index key".into()))?;
             let seq = be_u64(&v).ok_or_else(|| StoreError::Corrupt("hash index".into()))?;
@@ -617,11 +758,18 @@ impl RelayLog {
 
     /// The log entry with seq `seq`, if not compacted away.
     pub fn log_entry(&self, doc: &DocId, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.log_value(doc, seq)?.map(|(_, change)| change))
+    }
+
+    /// (total log bytes up to and including it, the change) of the log entry with seq `seq`.
+    fn log_value(&self, doc: &DocId, seq: u64) -> Result<Option<(u64, Vec<u8>)>, StoreError> {
         read_value(
             &*self.backend,
-            &key(T_LOG, doc, &[&seq.to_be_bytes()]),
+            &doc_key(D_LOG, doc, &[&seq.to_be_bytes()]),
             None,
-        )
+        )?
+        .map(split_log_value)
+        .transpose()
     }
 
     /// The snapshot of a compacted document (`None` if never compacted).
@@ -645,7 +793,7 @@ impl RelayLog {
 
     /// The snapshot `rec` points at, all its chunks or an error.
     fn snapshot(&self, doc: &DocId, rec: &DocRecord) -> Result<Vec<u8>, StoreError> {
-        let prefix = key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]);
+        let prefix = doc_key(D_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]);
         read_value(&*self.backend, &prefix, Some(rec.snapshot_chunks))
             .map_err(|e| StoreError::Corrupt(format!("snapshot of {doc}: {e}")))?
             .ok_or_else(|| StoreError::Corrupt(format!("snapshot of {doc} is missing")))
@@ -701,10 +849,11 @@ impl RelayLog {
                 .map_err(|e| StoreError::Corrupt(format!("snapshot of {doc}: {e}")))?;
         }
         let mut changes = Vec::new();
-        for (seq, bytes) in read_values(&*self.backend, &key(T_LOG, doc, &[]))? {
+        for (seq, value) in read_values(&*self.backend, &doc_key(D_LOG, doc, &[]))? {
             if seq > upto {
                 break;
             }
+            let (_, bytes) = split_log_value(value)?;
             changes
                 .push(Change::from_bytes(bytes).map_err(|e| StoreError::Corrupt(e.to_string()))?);
         }
@@ -716,31 +865,31 @@ impl RelayLog {
         let mut batch = Batch::default();
         let chunks = put_chunks(
             &mut batch,
-            key(T_SNAP, doc, &[&gen.to_be_bytes()]),
+            doc_key(D_SNAP, doc, &[&gen.to_be_bytes()]),
             &saved,
             4,
         );
         {
             let _g = self.append.lock().unwrap_or_else(|p| p.into_inner());
-            let mut now = self.record(doc)?.unwrap_or(rec.clone());
+            let (mut now, feed_pos) = self
+                .stored_record(doc)?
+                .ok_or_else(|| StoreError::Corrupt(format!("record of {doc} vanished")))?;
             now.compacted_upto = upto;
             now.snapshot_gen = gen;
             now.snapshot_chunks = chunks;
-            batch.put(key(T_DOC, doc, &[]), encode_record(&now)?);
+            batch.put(doc_key(D_RECORD, doc, &[]), encode_record(&now, feed_pos)?);
             self.commit.write(&*self.backend, batch)?;
         }
         self.durable()?;
         let mut batch = Batch::default();
-        for (k, _) in self.backend.scan(&key(T_LOG, doc, &[]))? {
-            if be_u64(&k[17..]).is_some_and(|s| s <= upto) {
+        for k in self.backend.scan_keys(&doc_key(D_LOG, doc, &[]))? {
+            if be_u64(&k[D_REST..]).is_some_and(|s| s <= upto) {
                 batch.remove(k);
             }
         }
         if rec.snapshot_gen > 0 {
-            for (k, _) in
-                self.backend
-                    .scan(&key(T_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]))?
-            {
+            let old = doc_key(D_SNAP, doc, &[&rec.snapshot_gen.to_be_bytes()]);
+            for k in self.backend.scan_keys(&old)? {
                 batch.remove(k);
             }
         }
@@ -748,5 +897,152 @@ impl RelayLog {
         self.durable()?;
         self.stats.compactions.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use automerge::transaction::Transactable;
+    use automerge::{ActorId, ROOT};
+
+    use super::*;
+    use crate::store::Entries;
+
+    /// One memory backend that the test reads while a log owns it.
+    struct Shared(Arc<MemoryBackend>);
+
+    impl Backend for Shared {
+        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.get(key)
+        }
+        fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
+            self.0.scan(prefix)
+        }
+        fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+            self.0.last(prefix)
+        }
+        fn scan_from(
+            &self,
+            prefix: &[u8],
+            start: &[u8],
+            limit: usize,
+        ) -> Result<Entries, StoreError> {
+            self.0.scan_from(prefix, start, limit)
+        }
+        fn write(&self, batch: Batch) -> Result<(), StoreError> {
+            self.0.write(batch)
+        }
+        fn sync(&self) -> Result<(), StoreError> {
+            self.0.sync()
+        }
+    }
+
+    /// `n` changes by `actor`, each setting `title` to a value of `len` bytes.
+    fn changes(actor: u8, n: usize, len: usize) -> Vec<Vec<u8>> {
+        let mut doc = Automerge::new().with_actor(ActorId::from(vec![actor; 16]));
+        (0..n)
+            .map(|i| {
+                let mut tx = doc.transaction();
+                tx.put(ROOT, "title", format!("{i}").repeat(len.max(1)))
+                    .unwrap();
+                tx.commit();
+                doc.get_last_local_change().unwrap().raw_bytes().to_vec()
+            })
+            .collect()
+    }
+
+    /// Rewrite this layout into format 1, as a relay from before `R format` left its data.
+    fn downgrade(log: &RelayLog, mem: &MemoryBackend) {
+        let mut batch = Batch::default();
+        for (doc, rec) in log.documents().unwrap() {
+            let (_, feed_pos) = log.stored_record(&doc).unwrap().unwrap();
+            batch.put(
+                key(b'D', &doc, &[]),
+                bincode::serde::encode_to_vec(&rec, cfg()).unwrap(),
+            );
+            if feed_pos > 0 {
+                batch.put(
+                    ns_key(b'P', &rec.namespace, &[doc.as_bytes()]),
+                    feed_pos.to_be_bytes().to_vec(),
+                );
+            }
+            for (seq, value) in read_values(mem, &doc_key(D_LOG, &doc, &[])).unwrap() {
+                let (cum, change) = split_log_value(value).unwrap();
+                put_chunks(
+                    &mut batch,
+                    key(b'L', &doc, &[&seq.to_be_bytes()]),
+                    &change,
+                    2,
+                );
+                batch.put(
+                    key(b'I', &doc, &[&seq.to_be_bytes()]),
+                    cum.to_be_bytes().to_vec(),
+                );
+            }
+            for (k, v) in mem.scan(&doc_key(D_HASH, &doc, &[])).unwrap() {
+                batch.put(key(b'H', &doc, &[&k[D_REST..]]), v);
+            }
+            for (k, v) in mem.scan(&doc_key(D_ACTOR, &doc, &[])).unwrap() {
+                batch.put(key(b'A', &doc, &[&k[D_REST..]]), v);
+            }
+            for (k, v) in mem.scan(&doc_key(D_SNAP, &doc, &[])).unwrap() {
+                batch.put(key(b'S', &doc, &[&k[D_REST..]]), v);
+            }
+        }
+        for k in mem.scan_keys(&[T_DOCS]).unwrap() {
+            batch.remove(k);
+        }
+        batch.remove(meta_key("format"));
+        mem.write(batch).unwrap();
+    }
+
+    #[test]
+    fn format_1_data_is_upgraded_to_exactly_what_this_layout_writes() {
+        let mem = Arc::new(MemoryBackend::default());
+        let mut log = RelayLog::with_backend(Box::new(Shared(mem.clone()))).unwrap();
+        log.compact_after = 3;
+        let (a, b) = (DocId([1; 16]), DocId([2; 16]));
+        let ada = changes(1, 4, 1);
+        let bob = changes(2, 2, 6_000); // past one chunk
+        log.push("n1", &a, &ada[..2]).unwrap();
+        log.push("n1", &a, &ada[2..3]).unwrap();
+        log.compact(&a).unwrap();
+        log.push("n1", &a, &ada[3..]).unwrap();
+        log.push("n2", &b, &bob).unwrap();
+        assert_eq!(log.record(&a).unwrap().unwrap().compacted_upto, 3);
+        let written = mem.scan(&[]).unwrap();
+        let pages = |log: &RelayLog| [log.pull(&a, 1, 10).unwrap(), log.pull(&b, 0, 1).unwrap()];
+        let served = pages(&log);
+        assert_eq!(served[1].remaining_bytes, bob[1].len() as u64);
+
+        downgrade(&log, &mem);
+        drop(log);
+        assert!(RelayLog::needs_upgrade(&*mem).unwrap());
+        assert!(mem.scan(&[T_DOCS]).unwrap().is_empty());
+        let log = RelayLog::with_backend(Box::new(Shared(mem.clone()))).unwrap();
+        assert!(!RelayLog::needs_upgrade(&*mem).unwrap());
+        assert_eq!(
+            mem.scan(&[]).unwrap(),
+            written,
+            "every key and value as pushed"
+        );
+        assert_eq!(pages(&log), served);
+        assert_eq!(log.namespaces().unwrap(), ["n1", "n2"]);
+        // And it goes on: a duplicate is known, a new change takes the next seq.
+        assert_eq!(log.push("n2", &b, &bob[1..]).unwrap().seqs, [2]);
+        assert_eq!(log.push("n2", &b, &changes(3, 1, 1)).unwrap().seqs, [3]);
+    }
+
+    #[test]
+    fn a_newer_format_is_refused() {
+        let mem = Arc::new(MemoryBackend::default());
+        drop(RelayLog::with_backend(Box::new(Shared(mem.clone()))).unwrap());
+        let mut batch = Batch::default();
+        batch.put(meta_key("format"), vec![FORMAT + 1]);
+        mem.write(batch).unwrap();
+        let err = RelayLog::with_backend(Box::new(Shared(mem))).err().unwrap();
+        assert!(err.to_string().contains("storage format 3:"), "{err}");
     }
 }

@@ -523,3 +523,47 @@ fn sync_exit_codes_for_auth_and_connection_failures() {
     // Usage: --once or --watch is required.
     assert_eq!(cli.run(&["sync", "--relay", &url]).code, 2);
 }
+
+#[test]
+fn a_relay_folder_in_the_old_storage_format_is_read_after_the_relay_upgraded_it() {
+    use automerge::transaction::Transactable;
+    use tandem::relay::log::RelayLog;
+    use tandem::store::{Backend, Batch, SledBackend, StoreOptions};
+
+    let cli = Cli::new();
+    let data = cli.path().join("relay");
+    let mut doc = automerge::Automerge::new();
+    let mut tx = doc.transaction();
+    tx.put(automerge::ROOT, "title", "kept").unwrap();
+    tx.commit();
+    let change = doc.get_last_local_change().unwrap().raw_bytes().to_vec();
+    let id = tandem::ids::DocId([7; 16]);
+    RelayLog::open(&data)
+        .unwrap()
+        .push("default", &id, &[change])
+        .unwrap();
+    let read = || cli.run(&["--data", "relay", "get", &id.to_string(), "title"]);
+    assert_eq!(read().stdout.trim(), "kept");
+
+    // A folder from before `R format` has no such key.
+    let backend = SledBackend::open(&data, &StoreOptions::default()).unwrap();
+    let mut batch = Batch::default();
+    batch.remove(b"Rformat".to_vec());
+    backend.write(batch).unwrap();
+    backend.sync().unwrap();
+    drop(backend);
+    let r = read();
+    assert_ne!(r.code, 0);
+    assert!(
+        r.stderr.contains("older storage format") && r.stderr.contains("tandem relay --data"),
+        "{}",
+        r.stderr
+    );
+    assert!(
+        RelayLog::needs_upgrade(&SledBackend::open(&data, &StoreOptions::default()).unwrap())
+            .unwrap()
+    );
+
+    drop(RelayLog::open(&data).unwrap()); // what a relay's start does
+    assert_eq!(read().stdout.trim(), "kept");
+}
