@@ -755,6 +755,35 @@ mod tests {
         }
     }
 
+    /// What a clean stop does, a close then `checkpoint_closed`, keeps every write and leaves
+    /// no log file behind.
+    #[test]
+    fn a_checkpointed_folder_keeps_everything() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let b = SledBackend::open(dir.path(), &StoreOptions::default()).unwrap();
+            let mut batch = Batch::default();
+            for i in 0..100u32 {
+                batch.put(i.to_be_bytes().to_vec(), vec![i as u8; 100]);
+            }
+            b.write(batch).unwrap();
+            b.sync().unwrap();
+        }
+        SledBackend::checkpoint_closed(dir.path()).unwrap();
+        let logs = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                let name = e.as_ref().unwrap().file_name();
+                name.to_string_lossy().starts_with("wal-")
+            })
+            .count();
+        assert_eq!(logs, 0);
+        let b = SledBackend::open(dir.path(), &StoreOptions::default()).unwrap();
+        let kept = b.scan(&[0, 0, 0]).unwrap();
+        assert_eq!(kept.len(), 100);
+        assert!(kept.iter().all(|(k, v)| v == &vec![k[3]; 100]));
+    }
+
     /// Compaction counts the tail it leaves from the journal past `covers` (chunked changes
     /// once each) and drops below it only what the outbox does not hold.
     #[test]

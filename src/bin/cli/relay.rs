@@ -209,6 +209,7 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
             .map_err(|e| Failure::new(1, e.to_string()))?;
         eprintln!("new relay identity {}", hex::encode(id));
     }
+    let on_sled = args.postgres.is_none().then(|| data.clone());
     let mut cfg = RelayConfig::new(args.listen, Some(data), auth);
     cfg.max_connections = args.max_connections;
     cfg.limits.max_frame_bytes = args.max_frame_bytes;
@@ -228,7 +229,7 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
     tandem::relay::memory::tune_allocator();
     tandem::relay::memory::map_code_sparsely();
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
-    rt.block_on(async move {
+    let served = rt.block_on(async move {
         let handle = start(cfg)
             .await
             .map_err(|e| Failure::new(1, format!("relay: {e}")))?;
@@ -238,7 +239,21 @@ pub fn run(cli: &Cli, args: &RelayArgs) -> CmdResult {
         tracing::info!("shutting down: finishing accepted work");
         handle.shutdown().await.context("relay shutdown")?;
         Ok(())
-    })
+    });
+    // Every task goes with the runtime, the storage with them: closed cleanly, the log empty.
+    drop(rt);
+    if let (Ok(()), Some(data)) = (&served, on_sled) {
+        let t0 = std::time::Instant::now();
+        match tandem::store::SledBackend::checkpoint_closed(&data) {
+            Ok(()) => {
+                tracing::info!(took = ?t0.elapsed(), "storage checkpointed for the next start")
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "storage not checkpointed; the next start replays more")
+            }
+        }
+    }
+    served
 }
 
 async fn shutdown_signal() {
