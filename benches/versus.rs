@@ -25,7 +25,8 @@
 //! - `fanout`: one small change to 20 and to 100 subscribers of one document: p50/p99 from
 //!   the writer's change to each subscriber's change event;
 //! - `sustained`: 8 devices, each change then wait for the relay to have it, at rising
-//!   offered rates until p99 passes 50 ms;
+//!   offered rates until p99 passes 50 ms (a step past it whose devices kept their pace runs
+//!   once more before the ladder stops: one stall of the shared disk is not the limit);
 //! - `reconnect`: a device holding 2,000 documents, 20 changed elsewhere: bytes on the wire
 //!   and time until it has them;
 //! - `cold`: a relay holding 10,000 documents starts; time until it has served one document;
@@ -1094,7 +1095,8 @@ where
     lat
 }
 
-/// (offered rate, achieved rate, p50, p99) per step, up to the first step past 50 ms.
+/// (offered rate, achieved rate, p50, p99) per step (a step run twice is in it twice), up
+/// to the first step past 50 ms that fell behind its pace or was past it twice.
 fn sustained(client: &Runtime, kind: Kind) -> Vec<(u32, f64, Duration, Duration)> {
     let dir = tempfile::tempdir().expect("tempdir");
     let relay = RelayProc::start(kind, &dir.path().join("relay"));
@@ -1129,7 +1131,18 @@ fn sustained(client: &Runtime, kind: Kind) -> Vec<(u32, f64, Duration, Duration)
                 }
             }
         }
-        for &rate in RATES.iter().take(steps) {
+        // A step past 50 ms whose devices still kept their pace runs once more before the
+        // ladder stops: one stall of the shared disk or of the host (a 100 ms `fdatasync` now
+        // and then) must not pass for the limit.
+        let ladder = RATES
+            .iter()
+            .take(steps)
+            .flat_map(|&rate| [(rate, false), (rate, true)]);
+        let mut failed_once = false;
+        for (rate, again) in ladder {
+            if again != failed_once {
+                continue;
+            }
             let per_device = rate as f64 / SUSTAINED_DEVICES as f64;
             let step = Instant::now();
             let mut tasks = Vec::new();
@@ -1172,9 +1185,13 @@ fn sustained(client: &Runtime, kind: Kind) -> Vec<(u32, f64, Duration, Duration)
             let achieved = lat.len() as f64 / step.elapsed().as_secs_f64().max(secs);
             let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
             out.push((rate, achieved, p50, p99));
-            if p99 > Duration::from_millis(50) {
+            let failed = p99 > Duration::from_millis(50);
+            // Devices that kept their pace and still saw a slow p99 met a stall: once more.
+            let kept_pace = achieved >= 0.95 * rate as f64;
+            if failed && (again || !kept_pace) {
                 break;
             }
+            failed_once = failed;
         }
         for (_, sync, _) in tandem {
             if let Ok(sync) = Arc::try_unwrap(sync) {
