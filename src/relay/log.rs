@@ -19,10 +19,11 @@
 //! | `d`, doc, `A`, actor len, actor, actor seq | hash of that (actor, seq) |
 //! | `d`, doc, `S`, generation, chunk | a chunk of a compacted snapshot |
 //! | `F`, namespace, 0, position | feed entry: doc, seq (one per document: older ones are dropped) |
-//! | `R`, name | relay metadata: identity, feed position counter, format |
+//! | `R`, name | relay metadata: identity (and after it, the storage format), feed position counter |
 //!
-//! Format 1 (before `R format`) kept each index under its own tag in front of the document
-//! id; [`RelayLog::with_backend`] rewrites such data into this layout once (see `upgrade`).
+//! Format 1 (whose identity is the bare id) kept each index under its own tag in front of the
+//! document id; [`RelayLog::with_backend`] rewrites such data into this layout once (see
+//! `upgrade`).
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -164,6 +165,28 @@ fn ns_key(tag: u8, ns: &str, rest: &[&[u8]]) -> Vec<u8> {
     k
 }
 
+/// The stored identity: the id, then the storage format (format 1 stored the id alone, so a
+/// tandem from before format 2 refuses this value as a damaged id instead of reading a layout
+/// it does not know as an empty relay).
+fn id_value(id: &[u8; 16]) -> Vec<u8> {
+    let mut v = id.to_vec();
+    v.push(FORMAT);
+    v
+}
+
+/// (relay id, storage format) from the stored identity.
+fn stored_id(v: &[u8]) -> Result<([u8; 16], u8), StoreError> {
+    let id = v
+        .get(..16)
+        .and_then(|id| id.try_into().ok())
+        .ok_or_else(|| StoreError::Corrupt("relay id".into()))?;
+    match v.len() {
+        16 => Ok((id, 1)),
+        17 => Ok((id, v[16])),
+        _ => Err(StoreError::Corrupt("relay id".into())),
+    }
+}
+
 /// A key among `doc`'s own.
 fn doc_key(sub: u8, doc: &DocId, rest: &[&[u8]]) -> Vec<u8> {
     let mut k = Vec::with_capacity(D_REST + 48);
@@ -265,32 +288,19 @@ impl RelayLog {
         relay_id: [u8; 16],
     ) -> Result<RelayLog, StoreError> {
         let mut batch = Batch::default();
-        let relay_id = match backend.get(&meta_key("id"))? {
-            Some(v) => v
-                .as_slice()
-                .try_into()
-                .map_err(|_| StoreError::Corrupt("relay id".into()))?,
+        let (relay_id, format) = match backend.get(&meta_key("id"))? {
+            Some(v) => stored_id(&v)?,
             None => {
-                batch.put(meta_key("id"), relay_id.to_vec());
-                batch.put(meta_key("format"), vec![FORMAT]);
-                relay_id
+                batch.put(meta_key("id"), id_value(&relay_id));
+                (relay_id, FORMAT)
             }
         };
-        let upgrade_from = match backend.get(&meta_key("format"))?.as_deref() {
-            _ if !batch.is_empty() => None,
-            None => Some(1),
-            Some([FORMAT]) => None,
-            Some(other) => {
-                let found = match other {
-                    [v] => v.to_string(),
-                    _ => format!("0x{}", hex::encode(other)),
-                };
-                return Err(StoreError::Corrupt(format!(
-                    "relay data in storage format {found}: this tandem reads format {FORMAT} \
-                     (and upgrades format 1); a newer tandem wrote it"
-                )));
-            }
-        };
+        if format != 1 && format != FORMAT {
+            return Err(StoreError::Corrupt(format!(
+                "relay data in storage format {format}: this tandem reads format {FORMAT} (and \
+                 upgrades format 1); a newer tandem wrote it"
+            )));
+        }
         let feed_pos = match backend.get(&meta_key("feedpos"))? {
             Some(v) => be_u64(&v).ok_or_else(|| StoreError::Corrupt("feed position".into()))?,
             None => 0,
@@ -309,7 +319,7 @@ impl RelayLog {
             log.commit.write(&*log.backend, batch)?;
             log.durable()?;
         }
-        if upgrade_from.is_some() {
+        if format == 1 {
             log.upgrade()?;
         }
         Ok(log)
@@ -318,7 +328,10 @@ impl RelayLog {
     /// Whether `backend` holds relay data in an older storage format, which opening it as a
     /// [`RelayLog`] rewrites.
     pub fn needs_upgrade(backend: &dyn Backend) -> Result<bool, StoreError> {
-        Ok(backend.get(&meta_key("id"))?.is_some() && backend.get(&meta_key("format"))?.is_none())
+        match backend.get(&meta_key("id"))? {
+            Some(v) => Ok(stored_id(&v)?.1 < FORMAT),
+            None => Ok(false),
+        }
     }
 
     /// Give the relay a new identity (after restoring an older backup): devices then reset
@@ -326,7 +339,7 @@ impl RelayLog {
     pub fn new_identity(&mut self) -> Result<[u8; 16], StoreError> {
         let id: [u8; 16] = rand::random();
         let mut batch = Batch::default();
-        batch.put(meta_key("id"), id.to_vec());
+        batch.put(meta_key("id"), id_value(&id));
         self.commit.write(&*self.backend, batch)?;
         self.durable()?;
         self.relay_id = id;
@@ -338,16 +351,27 @@ impl RelayLog {
         self.relay_id
     }
 
-    /// Rewrite format-1 data into this layout: one document per batch (its old keys removed
-    /// in the same batch), so a crash part way leaves every document whole in one layout or
-    /// the other and the next open goes on where this one stopped; `R format` last.
+    /// Rewrite format-1 data into this layout, document by document, in batches of bounded
+    /// size (a log or an index may be long): each batch writes entries in the new layout and
+    /// removes their old keys, and a document's record moves last. A crash part way leaves
+    /// the document's old record in place, and the next open goes on with what is left of it
+    /// (every moved entry is gone from the old layout). The identity, rewritten with the new
+    /// format, comes after every document.
     fn upgrade(&self) -> Result<(), StoreError> {
         const V1_DOC: u8 = b'D';
         const V1_LOG: u8 = b'L';
         const V1_CUM: u8 = b'I';
         const V1_FEEDPOS: u8 = b'P';
-        // Indexes whose entries keep their key's tail and value.
-        const V1_MOVED: [(u8, u8); 3] = [(b'H', D_HASH), (b'A', D_ACTOR), (b'S', D_SNAP)];
+        // Moved with their key's tail and value; the running totals left after the log moved
+        // (those of compacted seqs) are dropped.
+        const V1_MOVED: [(u8, Option<u8>); 4] = [
+            (b'H', Some(D_HASH)),
+            (b'A', Some(D_ACTOR)),
+            (b'S', Some(D_SNAP)),
+            (V1_CUM, None),
+        ];
+        const BATCH_KEYS: usize = 256;
+        const BATCH_BYTES: usize = 1 << 20;
         let mut upgraded = 0u64;
         while let Some((k, v)) = self.backend.scan_from(&[V1_DOC], &[V1_DOC], 1)?.pop() {
             let doc = DocId(
@@ -355,48 +379,87 @@ impl RelayLog {
                     .and_then(|id| id.try_into().ok())
                     .ok_or_else(|| StoreError::Corrupt("format-1 document key".into()))?,
             );
+            let damaged = |what: String| {
+                StoreError::Corrupt(format!(
+                    "upgrading relay data: {what} of document {doc} is damaged; the documents \
+                     before it are upgraded, it and those after are not. Restore the folder \
+                     from a backup, or start the relay on an empty folder with a new identity \
+                     so that devices push their documents again"
+                ))
+            };
             let rec: DocRecord = bincode::serde::decode_from_slice(&v, cfg())
                 .map(|(r, _)| r)
-                .map_err(|e| StoreError::Corrupt(format!("format-1 record of {doc}: {e}")))?;
+                .map_err(|e| damaged(format!("the record ({e})")))?;
+            // The log, a change at a time with the running total written beside it.
+            let log_prefix = key(V1_LOG, &doc, &[]);
+            let mut from = 0u64;
+            loop {
+                let (mut batch, mut moved, mut bytes) = (Batch::default(), 0, 0);
+                while moved < BATCH_KEYS && bytes < BATCH_BYTES {
+                    let start = key(V1_LOG, &doc, &[&from.to_be_bytes()]);
+                    let Some((first, _)) = self.backend.scan_from(&log_prefix, &start, 1)?.pop()
+                    else {
+                        break;
+                    };
+                    let seq = be_u64(&first[17..]).ok_or_else(|| damaged("a log key".into()))?;
+                    let chunks = self
+                        .backend
+                        .scan(&key(V1_LOG, &doc, &[&seq.to_be_bytes()]))?;
+                    let change: Vec<u8> = chunks.iter().flat_map(|(_, c)| c.clone()).collect();
+                    let cum_key = key(V1_CUM, &doc, &[&seq.to_be_bytes()]);
+                    let cum = self
+                        .backend
+                        .get(&cum_key)?
+                        .and_then(|v| be_u64(&v))
+                        .ok_or_else(|| damaged(format!("the running total of seq {seq}")))?;
+                    put_chunks(
+                        &mut batch,
+                        doc_key(D_LOG, &doc, &[&seq.to_be_bytes()]),
+                        &log_value(cum, &change),
+                        2,
+                    );
+                    for (k, _) in chunks {
+                        batch.remove(k);
+                    }
+                    batch.remove(cum_key);
+                    (moved, bytes, from) = (moved + 1, bytes + change.len(), seq + 1);
+                }
+                if moved == 0 {
+                    break;
+                }
+                self.commit.write(&*self.backend, batch)?;
+            }
+            for (old, new) in V1_MOVED {
+                let prefix = key(old, &doc, &[]);
+                loop {
+                    let page = self.backend.scan_from(&prefix, &prefix, BATCH_KEYS)?;
+                    if page.is_empty() {
+                        break;
+                    }
+                    let mut batch = Batch::default();
+                    for (k, v) in page {
+                        if let Some(new) = new {
+                            batch.put(doc_key(new, &doc, &[&k[17..]]), v);
+                        }
+                        batch.remove(k);
+                    }
+                    self.commit.write(&*self.backend, batch)?;
+                }
+            }
             let mut batch = Batch::default();
             let pos_key = ns_key(V1_FEEDPOS, &rec.namespace, &[doc.as_bytes()]);
             let feed_pos = match self.backend.get(&pos_key)? {
-                Some(p) => be_u64(&p).ok_or_else(|| StoreError::Corrupt("feed position".into()))?,
+                Some(p) => be_u64(&p).ok_or_else(|| damaged("the feed position".into()))?,
                 None => 0,
             };
             batch.remove(pos_key);
-            // Each entry's running total, counted back from the log's total at its head.
-            let mut cum = rec.log_bytes;
-            for (seq, change) in read_values(&*self.backend, &key(V1_LOG, &doc, &[]))?
-                .into_iter()
-                .rev()
-            {
-                put_chunks(
-                    &mut batch,
-                    doc_key(D_LOG, &doc, &[&seq.to_be_bytes()]),
-                    &log_value(cum, &change),
-                    2,
-                );
-                cum = cum.saturating_sub(change.len() as u64);
-            }
-            for tag in [V1_LOG, V1_CUM] {
-                for k in self.backend.scan_keys(&key(tag, &doc, &[]))? {
-                    batch.remove(k);
-                }
-            }
-            for (old, new) in V1_MOVED {
-                for (k, v) in self.backend.scan(&key(old, &doc, &[]))? {
-                    batch.put(doc_key(new, &doc, &[&k[17..]]), v);
-                    batch.remove(k);
-                }
-            }
             batch.put(doc_key(D_RECORD, &doc, &[]), encode_record(&rec, feed_pos)?);
             batch.remove(k);
             self.commit.write(&*self.backend, batch)?;
             upgraded += 1;
         }
         let mut batch = Batch::default();
-        batch.put(meta_key("format"), vec![FORMAT]);
+        batch.put(meta_key("id"), id_value(&self.relay_id));
         self.commit.write(&*self.backend, batch)?;
         self.durable()?;
         tracing::info!(
@@ -981,6 +1044,10 @@ mod tests {
                     cum.to_be_bytes().to_vec(),
                 );
             }
+            // Format 1's compaction left the running totals of the seqs it dropped.
+            for seq in 1..=rec.compacted_upto {
+                batch.put(key(b'I', &doc, &[&seq.to_be_bytes()]), vec![0; 8]);
+            }
             for (k, v) in mem.scan(&doc_key(D_HASH, &doc, &[])).unwrap() {
                 batch.put(key(b'H', &doc, &[&k[D_REST..]]), v);
             }
@@ -994,7 +1061,7 @@ mod tests {
         for k in mem.scan_keys(&[T_DOCS]).unwrap() {
             batch.remove(k);
         }
-        batch.remove(meta_key("format"));
+        batch.put(meta_key("id"), log.relay_id().to_vec());
         mem.write(batch).unwrap();
     }
 
@@ -1011,6 +1078,9 @@ mod tests {
         log.compact(&a).unwrap();
         log.push("n1", &a, &ada[3..]).unwrap();
         log.push("n2", &b, &bob).unwrap();
+        // Longer than one batch of the upgrade.
+        let c = DocId([3; 16]);
+        log.push("n1", &c, &changes(4, 300, 1)).unwrap();
         assert_eq!(log.record(&a).unwrap().unwrap().compacted_upto, 3);
         let written = mem.scan(&[]).unwrap();
         let pages = |log: &RelayLog| [log.pull(&a, 1, 10).unwrap(), log.pull(&b, 0, 1).unwrap()];
@@ -1040,7 +1110,9 @@ mod tests {
         let mem = Arc::new(MemoryBackend::default());
         drop(RelayLog::with_backend(Box::new(Shared(mem.clone()))).unwrap());
         let mut batch = Batch::default();
-        batch.put(meta_key("format"), vec![FORMAT + 1]);
+        let mut id = [9; 17];
+        id[16] = FORMAT + 1;
+        batch.put(meta_key("id"), id.to_vec());
         mem.write(batch).unwrap();
         let err = RelayLog::with_backend(Box::new(Shared(mem))).err().unwrap();
         assert!(err.to_string().contains("storage format 3:"), "{err}");

@@ -219,6 +219,10 @@ impl SledBackend {
     /// shutdown checkpoint does: a start after a clean stop then reads the snapshot alone,
     /// while a start after a crash still replays.
     pub fn checkpoint_closed(path: &Path) -> Result<(), StoreError> {
+        // Never an empty new store in place of a folder that went away meanwhile.
+        if !data_path(path).exists() {
+            return Err(StoreError::Io(format!("no store at {}", path.display())));
+        }
         let opts = StoreOptions {
             // Nothing is read through the cache: keep what the open allocates small.
             cache_bytes: 1 << 20,

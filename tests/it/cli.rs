@@ -545,10 +545,13 @@ fn a_relay_folder_in_the_old_storage_format_is_read_after_the_relay_upgraded_it(
     let read = || cli.run(&["--data", "relay", "get", &id.to_string(), "title"]);
     assert_eq!(read().stdout.trim(), "kept");
 
-    // A folder from before `R format` has no such key.
+    // Format 1 stored the bare id, without the storage format after it.
     let backend = SledBackend::open(&data, &StoreOptions::default()).unwrap();
+    let id_key = b"Rid".to_vec();
+    let stored = backend.get(&id_key).unwrap().unwrap();
+    assert_eq!(stored.len(), 17);
     let mut batch = Batch::default();
-    batch.remove(b"Rformat".to_vec());
+    batch.put(id_key, stored[..16].to_vec());
     backend.write(batch).unwrap();
     backend.sync().unwrap();
     drop(backend);
