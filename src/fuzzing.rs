@@ -4,7 +4,7 @@
 //! Not part of the embedding API.
 
 use crate::relay::log::RelayLog;
-use crate::store::{Backend, Batch, MemoryBackend, Store};
+use crate::store::{Batch, MemoryBackend, Store};
 use crate::transport::{codec, ClientMsg, RelayMsg};
 use crate::{DocId, Repo, RepoOptions, Schema};
 
@@ -53,7 +53,7 @@ pub fn relay_ingest(data: &[u8]) {
 pub fn store_load(data: &[u8]) {
     let disk = std::sync::Arc::new(MemoryBackend::default());
     let open = || {
-        Store::from_backend(Box::new(Shared(disk.clone())), None)
+        Store::from_backend(Box::new(disk.clone()), None)
             .map(|s| Repo::with_store(s, RepoOptions::new("fuzz")))
     };
     let Ok(repo) = open() else { return };
@@ -83,35 +83,6 @@ pub fn store_load(data: &[u8]) {
     let Ok(fresh) = open() else { return };
     let _ = fresh.get(&id);
     let _ = fresh.history(&id);
-}
-
-/// One in-memory disk under several stores (so a damaged store can be reopened).
-struct Shared(std::sync::Arc<MemoryBackend>);
-
-impl Backend for Shared {
-    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
-        self.0.get(key)
-    }
-    fn scan(&self, prefix: &[u8]) -> Result<crate::store::Entries, crate::store::StoreError> {
-        self.0.scan(prefix)
-    }
-    fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, crate::store::StoreError> {
-        self.0.last(prefix)
-    }
-    fn scan_from(
-        &self,
-        prefix: &[u8],
-        start: &[u8],
-        limit: usize,
-    ) -> Result<crate::store::Entries, crate::store::StoreError> {
-        self.0.scan_from(prefix, start, limit)
-    }
-    fn write(&self, batch: Batch) -> Result<(), crate::store::StoreError> {
-        self.0.write(batch)
-    }
-    fn sync(&self) -> Result<(), crate::store::StoreError> {
-        self.0.sync()
-    }
 }
 
 /// The schema file parser.

@@ -971,36 +971,6 @@ mod tests {
     use automerge::{ActorId, ROOT};
 
     use super::*;
-    use crate::store::Entries;
-
-    /// One memory backend that the test reads while a log owns it.
-    struct Shared(Arc<MemoryBackend>);
-
-    impl Backend for Shared {
-        fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.0.get(key)
-        }
-        fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
-            self.0.scan(prefix)
-        }
-        fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-            self.0.last(prefix)
-        }
-        fn scan_from(
-            &self,
-            prefix: &[u8],
-            start: &[u8],
-            limit: usize,
-        ) -> Result<Entries, StoreError> {
-            self.0.scan_from(prefix, start, limit)
-        }
-        fn write(&self, batch: Batch) -> Result<(), StoreError> {
-            self.0.write(batch)
-        }
-        fn sync(&self) -> Result<(), StoreError> {
-            self.0.sync()
-        }
-    }
 
     /// `n` changes by `actor`, each setting `title` to a value of `len` bytes.
     fn changes(actor: u8, n: usize, len: usize) -> Vec<Vec<u8>> {
@@ -1068,7 +1038,7 @@ mod tests {
     #[test]
     fn format_1_data_is_upgraded_to_exactly_what_this_layout_writes() {
         let mem = Arc::new(MemoryBackend::default());
-        let mut log = RelayLog::with_backend(Box::new(Shared(mem.clone()))).unwrap();
+        let mut log = RelayLog::with_backend(Box::new(mem.clone())).unwrap();
         log.compact_after = 3;
         let (a, b) = (DocId([1; 16]), DocId([2; 16]));
         let ada = changes(1, 4, 1);
@@ -1091,7 +1061,7 @@ mod tests {
         drop(log);
         assert!(RelayLog::needs_upgrade(&*mem).unwrap());
         assert!(mem.scan(&[T_DOCS]).unwrap().is_empty());
-        let log = RelayLog::with_backend(Box::new(Shared(mem.clone()))).unwrap();
+        let log = RelayLog::with_backend(Box::new(mem.clone())).unwrap();
         assert!(!RelayLog::needs_upgrade(&*mem).unwrap());
         assert_eq!(
             mem.scan(&[]).unwrap(),
@@ -1108,13 +1078,13 @@ mod tests {
     #[test]
     fn a_newer_format_is_refused() {
         let mem = Arc::new(MemoryBackend::default());
-        drop(RelayLog::with_backend(Box::new(Shared(mem.clone()))).unwrap());
+        drop(RelayLog::with_backend(Box::new(mem.clone())).unwrap());
         let mut batch = Batch::default();
         let mut id = [9; 17];
         id[16] = FORMAT + 1;
         batch.put(meta_key("id"), id.to_vec());
         mem.write(batch).unwrap();
-        let err = RelayLog::with_backend(Box::new(Shared(mem))).err().unwrap();
+        let err = RelayLog::with_backend(Box::new(mem)).err().unwrap();
         assert!(err.to_string().contains("storage format 3:"), "{err}");
     }
 }

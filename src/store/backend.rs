@@ -324,6 +324,31 @@ impl Backend for SledBackend {
     }
 }
 
+/// One backend under several owners (tests and fuzzing reopen stores over the same memory).
+impl<B: Backend + ?Sized> Backend for Arc<B> {
+    fn get(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).get(key)
+    }
+    fn scan(&self, prefix: &[u8]) -> Result<Entries, StoreError> {
+        (**self).scan(prefix)
+    }
+    fn last(&self, prefix: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        (**self).last(prefix)
+    }
+    fn scan_from(&self, prefix: &[u8], start: &[u8], limit: usize) -> Result<Entries, StoreError> {
+        (**self).scan_from(prefix, start, limit)
+    }
+    fn scan_keys(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        (**self).scan_keys(prefix)
+    }
+    fn write(&self, batch: Batch) -> Result<(), StoreError> {
+        (**self).write(batch)
+    }
+    fn sync(&self) -> Result<(), StoreError> {
+        (**self).sync()
+    }
+}
+
 /// An in-memory backend: the same semantics, nothing survives the process.
 #[derive(Default)]
 pub struct MemoryBackend {
