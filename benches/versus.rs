@@ -40,8 +40,9 @@
 //! 8,000 documents (many minutes: a separate long run, e.g. with `TANDEM_BENCH_ONLY=create`);
 //! `TANDEM_BENCH_SMAPS=<dir>` copies each relay's `/proc/<pid>/smaps` there when its RSS is
 //! read (what is resident: heap, code, stacks); `TANDEM_VERSUS_RELAY_WRAP="valgrind
-//! --tool=callgrind"` starts each tandem relay under that command (how `scripts/hot-code.py`
-//! finds the code a relay runs). Every wait is bounded by [`WAIT`]: a stuck relay fails the
+//! --tool=callgrind --trace-children=yes"` starts each tandem relay under that command (the
+//! relay starts itself again once to set glibc's tunables, hence `--trace-children`, or set
+//! them first as `scripts/hot-code.py` does, which finds the code a relay runs this way). Every wait is bounded by [`WAIT`]: a stuck relay fails the
 //! run, never hangs it.
 
 use std::io::{BufRead, Write};
