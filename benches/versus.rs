@@ -42,7 +42,8 @@
 //! read (what is resident: heap, code, stacks); `TANDEM_VERSUS_RELAY_WRAP="valgrind
 //! --tool=callgrind --trace-children=yes"` starts each tandem relay under that command (the
 //! relay starts itself again once to set glibc's tunables, hence `--trace-children`, or set
-//! them first as `scripts/hot-code.py` does, which finds the code a relay runs this way). Every wait is bounded by [`WAIT`]: a stuck relay fails the
+//! them first as `scripts/hot-code.py` does, which finds the code a relay runs this way).
+//! Every wait is bounded by [`WAIT`]: a stuck relay fails the
 //! run, never hangs it.
 
 use std::io::{BufRead, Write};
@@ -1135,15 +1136,9 @@ fn sustained(client: &Runtime, kind: Kind) -> Vec<(u32, f64, Duration, Duration)
         // A step past 50 ms whose devices still kept their pace runs once more before the
         // ladder stops: one stall of the shared disk or of the host (a 100 ms `fdatasync` now
         // and then) must not pass for the limit.
-        let ladder = RATES
-            .iter()
-            .take(steps)
-            .flat_map(|&rate| [(rate, false), (rate, true)]);
-        let mut failed_once = false;
-        for (rate, again) in ladder {
-            if again != failed_once {
-                continue;
-            }
+        let (mut step_index, mut retried) = (0, false);
+        while step_index < steps {
+            let rate = RATES[step_index];
             let per_device = rate as f64 / SUSTAINED_DEVICES as f64;
             let step = Instant::now();
             let mut tasks = Vec::new();
@@ -1186,13 +1181,15 @@ fn sustained(client: &Runtime, kind: Kind) -> Vec<(u32, f64, Duration, Duration)
             let achieved = lat.len() as f64 / step.elapsed().as_secs_f64().max(secs);
             let (p50, p99) = (pct(&mut lat, 0.5), pct(&mut lat, 0.99));
             out.push((rate, achieved, p50, p99));
-            let failed = p99 > Duration::from_millis(50);
             // Devices that kept their pace and still saw a slow p99 met a stall: once more.
             let kept_pace = achieved >= 0.95 * rate as f64;
-            if failed && (again || !kept_pace) {
+            if p99 <= Duration::from_millis(50) {
+                (step_index, retried) = (step_index + 1, false);
+            } else if kept_pace && !retried {
+                retried = true;
+            } else {
                 break;
             }
-            failed_once = failed;
         }
         for (_, sync, _) in tandem {
             if let Ok(sync) = Arc::try_unwrap(sync) {

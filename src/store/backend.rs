@@ -209,9 +209,7 @@ impl SledBackend {
             _held: held,
         })
     }
-}
 
-impl SledBackend {
     /// Open a closed folder and close it again, so that the next open is quick. sled writes
     /// its snapshot (its page table) when it opens, and only then; every open reads the
     /// segments written since the last snapshot, so after a long run the next open reads all
