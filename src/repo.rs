@@ -6,7 +6,7 @@
 //! its UI thread. Events arrive on a bounded broadcast channel ([`Repo::subscribe`]) that the
 //! app can poll (`try_recv`), block on (`blocking_recv`) or await (`recv`).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -46,7 +46,8 @@ pub struct RepoOptions {
     pub compact_after_changes: u64,
     /// ...or this many bytes.
     pub compact_after_bytes: u64,
-    /// How many documents stay loaded in memory when not in use.
+    /// How many documents stay loaded in memory when not in use (the least recently used
+    /// leave first).
     pub cache_docs: usize,
     /// Where new document ids and change times come from.
     pub entropy: Entropy,
@@ -484,10 +485,32 @@ struct Inner {
     presence_changed: tokio::sync::Notify,
     opts: RepoOptions,
     actor: ActorId,
-    docs: Mutex<HashMap<DocId, Arc<Mutex<Loaded>>>>,
+    docs: Mutex<Docs>,
+    /// Held, per document (by stripe), while it is taken into the cache, and while its
+    /// metadata is updated without loading it: the two never overlap.
+    loading: Box<[Mutex<()>]>,
     events: broadcast::Sender<Event>,
     syncing: Mutex<HashMap<DocId, (u64, u64)>>,
 }
+
+/// Stripes of [`Inner::loading`].
+const LOADING_STRIPES: usize = 64;
+
+/// The document cache.
+#[derive(Default)]
+struct Docs {
+    /// Each with when it was last asked for (a tick of `uses`): the least recently used
+    /// leave first.
+    loaded: HashMap<DocId, (Arc<Mutex<Loaded>>, u64)>,
+    uses: u64,
+    /// Documents that left the cache with no open conflict and have not been loaded since:
+    /// nothing changes a document but through the cache, so their status follows from their
+    /// metadata alone. At most [`CLEAN_PER_CACHED`] per cached document (emptied when full).
+    clean: HashSet<DocId>,
+}
+
+/// See [`Docs::clean`].
+const CLEAN_PER_CACHED: usize = 16;
 
 /// The embedding API: one store folder, its documents, and (with the sync layer) a relay.
 #[derive(Clone)]
@@ -584,7 +607,8 @@ impl Repo {
                 actor: store.device().actor(),
                 store,
                 opts,
-                docs: Mutex::new(HashMap::new()),
+                docs: Mutex::new(Docs::default()),
+                loading: (0..LOADING_STRIPES).map(|_| Mutex::new(())).collect(),
                 presence: Mutex::new(PresenceBook::default()),
                 presence_changed: tokio::sync::Notify::new(),
                 events,
@@ -690,24 +714,66 @@ impl Repo {
     /// copy wins and is returned. Two copies of one document would each append at the same
     /// journal seq and overwrite each other's changes.
     fn cache(&self, id: DocId, loaded: Loaded) -> Arc<Mutex<Loaded>> {
+        let cap = self.inner.opts.cache_docs;
         let mut docs = lock(&self.inner.docs);
-        let entry = docs
+        docs.uses += 1;
+        let Docs {
+            loaded: map,
+            uses,
+            clean,
+        } = &mut *docs;
+        clean.remove(&id);
+        let entry = map
             .entry(id)
-            .or_insert_with(|| Arc::new(Mutex::new(loaded)))
-            .clone();
-        if docs.len() > self.inner.opts.cache_docs {
-            // Evict documents nobody is using; a busy one stays until it is idle.
-            let idle: Vec<DocId> = docs
+            .or_insert_with(|| (Arc::new(Mutex::new(loaded)), 0));
+        entry.1 = *uses;
+        let entry = entry.0.clone();
+        if map.len() > cap {
+            // Evict the least recently used of the documents nobody is using; a busy one
+            // stays until it is idle.
+            let mut idle: Vec<(u64, DocId)> = map
                 .iter()
-                .filter(|(k, v)| **k != id && Arc::strong_count(v) == 1)
-                .map(|(k, _)| *k)
-                .take(docs.len() - self.inner.opts.cache_docs)
+                .filter(|(k, (v, _))| **k != id && Arc::strong_count(v) == 1)
+                .map(|(k, (_, used))| (*used, *k))
                 .collect();
-            for k in idle {
-                docs.remove(&k);
+            let excess = (map.len() - cap).min(idle.len());
+            if excess < idle.len() {
+                idle.select_nth_unstable(excess);
+            }
+            idle.truncate(excess);
+            if clean.len() + idle.len() > cap.saturating_mul(CLEAN_PER_CACHED) {
+                clean.clear();
+            }
+            for (_, k) in idle {
+                // Idle: nobody else holds it, so its lock is free.
+                let known_clean = map.remove(&k).is_some_and(|(v, _)| {
+                    v.try_lock()
+                        .ok()
+                        .and_then(|l| l.shape.as_ref().map(|s| s.conflicts.is_empty()))
+                        .unwrap_or(false)
+                });
+                if known_clean {
+                    clean.insert(k);
+                }
             }
         }
         entry
+    }
+
+    /// The loaded copy of `id`, if it is in the cache.
+    fn cached(&self, id: &DocId) -> Option<Arc<Mutex<Loaded>>> {
+        let mut docs = lock(&self.inner.docs);
+        docs.uses += 1;
+        let uses = docs.uses;
+        docs.loaded.get_mut(id).map(|(e, used)| {
+            *used = uses;
+            e.clone()
+        })
+    }
+
+    fn loading(&self, id: &DocId) -> MutexGuard<'_, ()> {
+        let stripe = u64::from_le_bytes(id.0[..8].try_into().unwrap_or_default());
+        lock(&self.inner.loading[(stripe % LOADING_STRIPES as u64) as usize])
     }
 
     /// After a failed write, make the loaded copy what the store holds again (the caller holds
@@ -763,8 +829,12 @@ impl Repo {
 
     /// The loaded document, loading it (snapshot + journal tail) if needed.
     fn entry(&self, id: &DocId) -> Result<Arc<Mutex<Loaded>>, Error> {
-        if let Some(e) = lock(&self.inner.docs).get(id) {
-            return Ok(e.clone());
+        if let Some(e) = self.cached(id) {
+            return Ok(e);
+        }
+        let _loading = self.loading(id);
+        if let Some(e) = self.cached(id) {
+            return Ok(e);
         }
         let stored = self.inner.store.load(id)?.ok_or(Error::NotFound(*id))?;
         match self.build(&stored) {
@@ -1195,6 +1265,14 @@ impl Repo {
 
     /// The sync status of a document.
     pub fn status(&self, id: &DocId) -> Result<DocStatus, Error> {
+        if self.cached(id).is_none() && lock(&self.inner.docs).clean.contains(id) {
+            // Known to have no open conflict: the metadata says the rest.
+            if let Some(meta) = self.inner.store.meta(id)? {
+                if meta.quarantined.is_none() {
+                    return Ok(self.status_of(id, &meta, Vec::new()));
+                }
+            }
+        }
         let entry = self.entry(id)?;
         let mut l = lock(&entry);
         let shape = self.take_shape(&mut l);
@@ -1204,7 +1282,11 @@ impl Repo {
     }
 
     fn status_with(&self, id: &DocId, meta: &DocMeta, shape: &Shape) -> DocStatus {
-        let fields = shape.conflicted();
+        self.status_of(id, meta, shape.conflicted())
+    }
+
+    /// The status of a document with this metadata and these conflicted fields.
+    fn status_of(&self, id: &DocId, meta: &DocMeta, fields: Vec<String>) -> DocStatus {
         if !fields.is_empty() {
             return DocStatus::Conflict { fields };
         }
@@ -1560,7 +1642,22 @@ impl Repo {
     ) -> Result<T, Error> {
         // Always under the document's lock: a read-modify-write of the metadata racing a local
         // write would put back an old `next_seq` (and the next write would reuse a seq).
-        let entry = self.entry(id)?;
+        let entry = {
+            let _loading = self.loading(id);
+            match self.cached(id) {
+                Some(e) => e,
+                // Not loaded, and nobody loads it while `_loading` is held: the stored
+                // metadata is the truth, and the document need not be read (a relay's acks
+                // come for documents that may have left the cache long before).
+                None => {
+                    let mut meta = self.inner.store.meta(id)?.ok_or(Error::NotFound(*id))?;
+                    if let Some(reason) = meta.quarantined.clone() {
+                        return Err(StoreError::Quarantined { doc: *id, reason }.into());
+                    }
+                    return Ok(f(&self.inner.store, &mut meta)?);
+                }
+            }
+        };
         let mut l = lock(&entry);
         let mut meta = l.meta.clone();
         let r = f(&self.inner.store, &mut meta)?;
@@ -1608,8 +1705,8 @@ impl Repo {
 
     /// Metadata of a document (namespace, pending count, relay cursor...).
     pub fn meta(&self, id: &DocId) -> Result<DocMeta, Error> {
-        if let Some(e) = lock(&self.inner.docs).get(id) {
-            return Ok(lock(e).meta.clone());
+        if let Some(e) = self.cached(id) {
+            return Ok(lock(&e).meta.clone());
         }
         self.inner.store.meta(id)?.ok_or(Error::NotFound(*id))
     }
@@ -1663,5 +1760,121 @@ fn entity(id: &DocId, l: &Loaded, schema: Option<&Schema>) -> Entity {
         conflicts: view.conflicts(false).into_iter().map(|c| c.field).collect(),
         deleted: view.is_deleted(),
         heads: hex_heads(&l.doc.get_heads()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn repo(author: &str, cache_docs: usize) -> Repo {
+        let schema = Schema::from_toml(
+            r#"
+            version = 1
+            [types.note]
+            title = "critical"
+            body = "text"
+            "#,
+        )
+        .unwrap();
+        let mut opts = RepoOptions::new(author).schema(schema);
+        opts.cache_docs = cache_docs;
+        Repo::with_store(Store::in_memory(), opts)
+    }
+
+    fn note(r: &Repo, title: &str) -> DocId {
+        r.create("note", json!({"title": title, "body": "b"}))
+            .unwrap()
+    }
+
+    /// Without counting as a use, unlike [`Repo::cached`].
+    fn is_cached(r: &Repo, id: &DocId) -> bool {
+        lock(&r.inner.docs).loaded.contains_key(id)
+    }
+
+    fn ack_all(r: &Repo, id: &DocId) {
+        let seqs: Vec<u64> = r.outbox(id).unwrap().iter().map(|(s, _)| *s).collect();
+        r.ack(id, &seqs).unwrap();
+    }
+
+    #[test]
+    fn an_ack_of_a_document_out_of_the_cache_does_not_load_it() {
+        let r = repo("alice", 2);
+        let ids: Vec<DocId> = (0..6).map(|i| note(&r, &format!("n{i}"))).collect();
+        let first = ids[0];
+        assert!(
+            !is_cached(&r, &first),
+            "the least recently used leave first"
+        );
+        assert!(matches!(
+            r.status(&first).unwrap(),
+            DocStatus::Pending { changes: 1, .. }
+        ));
+        ack_all(&r, &first);
+        r.set_relay_seq(&first, 7).unwrap();
+        assert!(!is_cached(&r, &first), "the ack loaded the document");
+        assert_eq!(r.status(&first).unwrap(), DocStatus::Synced);
+        assert!(!is_cached(&r, &first), "the status loaded the document");
+        let meta = r.meta(&first).unwrap();
+        assert_eq!((meta.pending, meta.relay_seq), (0, 7));
+        assert!(r.outbox(&first).unwrap().is_empty());
+        // Loaded again, it carries what was written without it.
+        r.change(&first, |tx| tx.set("title", "again")).unwrap();
+        let meta = r.meta(&first).unwrap();
+        assert_eq!((meta.pending, meta.relay_seq), (1, 7));
+        assert_eq!(r.outbox(&first).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_conflicted_document_out_of_the_cache_keeps_its_status() {
+        let (a, b) = (repo("alice", 2), repo("bob", 2));
+        let id = note(&a, "t");
+        let sync = |from: &Repo, to: &Repo| {
+            to.apply_remote(&id, "default", &from.all_changes(&id).unwrap())
+                .unwrap();
+        };
+        sync(&a, &b);
+        a.change(&id, |tx| tx.set("title", "A")).unwrap();
+        b.change(&id, |tx| tx.set("title", "B")).unwrap();
+        sync(&b, &a);
+        let conflict = DocStatus::Conflict {
+            fields: vec!["title".into()],
+        };
+        assert_eq!(a.status(&id).unwrap(), conflict);
+        for i in 0..2 {
+            note(&a, &format!("other {i}"));
+        }
+        assert!(!is_cached(&a, &id), "the least recently used leave first");
+        ack_all(&a, &id);
+        assert_eq!(a.status(&id).unwrap(), conflict);
+    }
+
+    /// Acks racing local changes while the cache of one document turns over on every call:
+    /// every change keeps its own journal seq and the pending count stays the outbox's size.
+    #[test]
+    fn acks_racing_local_changes_through_a_tiny_cache_lose_nothing() {
+        let r = repo("alice", 1);
+        let docs = [note(&r, "a"), note(&r, "b")];
+        let writer = {
+            let r = r.clone();
+            std::thread::spawn(move || {
+                for i in 0..200 {
+                    r.change(&docs[i % 2], |tx| tx.set("title", format!("t{i}")))
+                        .unwrap();
+                }
+            })
+        };
+        for i in 0..400 {
+            ack_all(&r, &docs[i % 2]);
+        }
+        writer.join().unwrap();
+        for id in &docs {
+            let meta = r.meta(id).unwrap();
+            assert_eq!(meta.pending as usize, r.outbox(id).unwrap().len());
+            // Seqs count from 1: one create and 100 changes, each its own.
+            assert_eq!(meta.next_seq, 102);
+            assert_eq!(r.all_changes(id).unwrap().len(), 101);
+        }
     }
 }
