@@ -19,9 +19,10 @@
 //!   RSS after; each tandem size runs 3 times (`TANDEM_VERSUS_REPEAT`), the sizes in turn,
 //!   and gives medians.
 //!   Then "relay alone": the same sizes pushed as pre-made notes (samod's kind) by 4 bare
-//!   connections with 8 pushes in flight each, so the relay sets the pace at every size
-//!   (with devices, their own growing stores slow them, and the relay gets fewer pushes per
-//!   flush);
+//!   connections with 8 pushes in flight each, so the relay sets the pace at every size,
+//!   and with the relay held to a core of its own (the last; this process, connections and
+//!   all, to the others meanwhile), so that nothing else shares its caches: its CPU per
+//!   document as the documents it holds grow, and nothing else;
 //! - `fanout`: one small change to 20 and to 100 subscribers of one document: p50/p99 from
 //!   the writer's change to each subscriber's change event;
 //! - `sustained`: 8 devices, each change then wait for the relay to have it, at rising
@@ -215,6 +216,12 @@ struct RelayProc {
 
 impl RelayProc {
     fn start(kind: Kind, data: &Path) -> RelayProc {
+        RelayProc::start_on(kind, data, None)
+    }
+
+    /// [`start`](Self::start), with the relay (every thread it will have) held to `core`
+    /// when given: then nothing else this bench runs shares that core's caches with it.
+    fn start_on(kind: Kind, data: &Path, core: Option<usize>) -> RelayProc {
         let t0 = Instant::now();
         let mut cmd = match kind {
             Kind::Tandem => {
@@ -247,6 +254,21 @@ impl RelayProc {
                 c
             }
         };
+        if let Some(core) = core {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: between fork and exec the closure only makes one system call on a
+            // set on its own stack (async-signal-safe).
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut set: libc::cpu_set_t = std::mem::zeroed();
+                    libc::CPU_SET(core, &mut set);
+                    // A core the kernel refuses leaves the relay where it was: a figure, not
+                    // a failure.
+                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -603,7 +625,7 @@ async fn relay_metric(addr: SocketAddr, name: &str) -> Option<u64> {
 }
 
 fn create_sync(client: &Runtime, kind: Kind, docs: usize) -> Run {
-    measured_run(client, kind, docs, |d, mine, addr| async move {
+    measured_run(client, kind, docs, None, |d, mine, addr| async move {
         let name = format!("dev{d}");
         match kind {
             Kind::Tandem => create_tandem(&name, addr, mine).await,
@@ -612,19 +634,20 @@ fn create_sync(client: &Runtime, kind: Kind, docs: usize) -> Run {
     })
 }
 
-/// A new relay of `kind`, and [`DEVICES`] tasks, `device(index, its share of docs, address)`,
-/// run to their end; the relay's figures for that.
+/// A new relay of `kind` (held to `core` when given), and [`DEVICES`] tasks, `device(index,
+/// its share of docs, address)`, run to their end; the relay's figures for that.
 fn measured_run<Fut>(
     client: &Runtime,
     kind: Kind,
     docs: usize,
+    core: Option<usize>,
     mut device: impl FnMut(usize, usize, SocketAddr) -> Fut,
 ) -> Run
 where
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     let dir = tempfile::tempdir().expect("tempdir");
-    let relay = RelayProc::start(kind, &dir.path().join("relay"));
+    let relay = RelayProc::start_on(kind, &dir.path().join("relay"), core);
     let addr = relay.addr;
     let cpu0 = relay.cpu();
     let t0 = Instant::now();
@@ -862,13 +885,30 @@ fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
     let mut per_doc = Vec::new();
     // Made once: each run has a relay of its own, so the same documents are new to each.
     let made = premade_notes(sizes.iter().copied().max().unwrap_or(0));
+    // The relay on a core of its own (the last), the bare connections elsewhere: with devices
+    // sharing its cores, their growing stores crowd its caches, and every figure moves by
+    // tenths from run to run.
+    let core = std::thread::available_parallelism()
+        .ok()
+        .map(|n| n.get() - 1)
+        .filter(|&last| last > 0);
+    let before = core.map(|c| {
+        let mut cores = cpu_set(0..c);
+        // SAFETY: sched_getaffinity writes the set passed in and nothing else.
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&cores), &mut cores) };
+        set_all_threads(&cpu_set(0..c));
+        cores
+    });
     let all = interleaved(sizes, runs, |d| {
         let mut notes = made[..d].to_vec();
-        measured_run(client, Kind::Tandem, d, |dev, mine, addr| {
+        measured_run(client, Kind::Tandem, d, core, |dev, mine, addr| {
             let share: Vec<_> = notes.drain(..mine.min(notes.len())).collect();
             push_premade(addr, format!("raw{dev}"), share)
         })
     });
+    if let Some(cores) = before {
+        set_all_threads(&cores);
+    }
     for (&d, runs_of_d) in sizes.iter().zip(&all) {
         let (t, range) = median_run(runs_of_d, d);
         per_doc.push((t.cpu / d as f64, t.cpu_to_exit.map(|c| c / d as f64)));
@@ -906,8 +946,38 @@ fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
         },
         "–".into(),
         "–".into(),
-        "the devices' pace taken out (medians); target: flat (≈ 1×)",
+        &format!(
+            "the devices' pace taken out{} (medians); target: flat (≈ 1×)",
+            match core {
+                Some(c) => format!(", the relay alone on core {c}"),
+                None => String::new(),
+            }
+        ),
     );
+}
+
+/// A CPU set of `cores`.
+fn cpu_set(cores: std::ops::Range<usize>) -> libc::cpu_set_t {
+    // SAFETY: an all-zero cpu_set_t is the empty set; CPU_SET writes within it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for c in cores {
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    set
+}
+
+/// Hold every thread of this process (the runtimes' included; threads they start later
+/// inherit it) to `set`. Best effort: a thread that ended meanwhile is skipped.
+fn set_all_threads(set: &libc::cpu_set_t) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for tid in tasks.flatten() {
+        if let Some(tid) = tid.file_name().to_str().and_then(|t| t.parse().ok()) {
+            // SAFETY: reads the set passed in; a tid that ended gets ESRCH.
+            unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(set), set) };
+        }
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
