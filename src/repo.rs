@@ -493,7 +493,8 @@ struct Inner {
     syncing: Mutex<HashMap<DocId, (u64, u64)>>,
 }
 
-/// Stripes of [`Inner::loading`].
+/// Stripes of [`Inner::loading`]. A stripe is held through a document's load, which holds
+/// back loads and metadata updates of the documents that share it (one in 64).
 const LOADING_STRIPES: usize = 64;
 
 /// The document cache.
@@ -504,8 +505,10 @@ struct Docs {
     loaded: HashMap<DocId, (Arc<Mutex<Loaded>>, u64)>,
     uses: u64,
     /// Documents that left the cache with no open conflict and have not been loaded since:
-    /// nothing changes a document but through the cache, so their status follows from their
-    /// metadata alone. At most [`CLEAN_PER_CACHED`] per cached document (emptied when full).
+    /// the `Repo` changes a document only through the cache, so their status follows from
+    /// their metadata alone (writing changes through [`Repo::store`] bypasses this, as it
+    /// bypasses every loaded copy). At most [`CLEAN_PER_CACHED`] × `cache_docs`; past that,
+    /// any of them are forgotten.
     clean: HashSet<DocId>,
 }
 
@@ -632,7 +635,9 @@ impl Repo {
         self.inner.opts.schema.as_ref()
     }
 
-    /// The store underneath (for the sync layer and tools).
+    /// The store underneath (for the sync layer and tools). Reads only, while the `Repo` is
+    /// in use: changes or metadata written through it bypass the `Repo`'s loaded documents
+    /// and what it knows of them (their status among it).
     pub fn store(&self) -> &Store {
         &self.inner.store
     }
@@ -694,12 +699,18 @@ impl Repo {
             ..DocMeta::default()
         };
         refresh_meta(&mut meta, &doc, schema);
-        self.inner
-            .store
-            .append(&id, &mut meta, &[change.raw_bytes().to_vec()], true)?;
         let heads = hex_heads(&doc.get_heads());
         let patches = editing::patches(&doc, schema, &[], &doc.get_heads()).into();
-        self.cache(id, Loaded::new(doc, meta));
+        {
+            // Stored and cached as one step: once stored, a relay may ack it (the sync task
+            // scans the outbox), and an ack meeting it out of the cache writes the stored
+            // metadata, which a later insert of this copy would then undo.
+            let _loading = self.loading(&id);
+            self.inner
+                .store
+                .append(&id, &mut meta, &[change.raw_bytes().to_vec()], true)?;
+            self.cache(id, Loaded::new(doc, meta));
+        }
         self.emit(Event::Changed {
             doc: id,
             origin: Origin::Local,
@@ -741,9 +752,6 @@ impl Repo {
                 idle.select_nth_unstable(excess);
             }
             idle.truncate(excess);
-            if clean.len() + idle.len() > cap.saturating_mul(CLEAN_PER_CACHED) {
-                clean.clear();
-            }
             for (_, k) in idle {
                 // Idle: nobody else holds it, so its lock is free.
                 let known_clean = map.remove(&k).is_some_and(|(v, _)| {
@@ -755,6 +763,12 @@ impl Repo {
                 if known_clean {
                     clean.insert(k);
                 }
+            }
+            // Over its bound, forget some (any): their status is read the long way again.
+            let bound = cap.saturating_mul(CLEAN_PER_CACHED);
+            while clean.len() > bound {
+                let Some(&k) = clean.iter().next() else { break };
+                clean.remove(&k);
             }
         }
         entry
@@ -845,6 +859,32 @@ impl Repo {
                 Err(StoreError::Quarantined { doc: *id, reason }.into())
             }
         }
+    }
+
+    /// [`entry`](Self::entry), or a new empty document in `namespace` if the store has none by
+    /// that id. Under the stripe lock: another thread may have stored it meanwhile, and an
+    /// empty copy cached over a stored document would append as if it were new.
+    fn entry_or_new(&self, id: &DocId, namespace: &str) -> Result<Arc<Mutex<Loaded>>, Error> {
+        match self.entry(id) {
+            Err(Error::NotFound(_)) => {}
+            found => return found,
+        }
+        let loading = self.loading(id);
+        if let Some(e) = self.cached(id) {
+            return Ok(e);
+        }
+        if self.inner.store.meta(id)?.is_some() {
+            drop(loading);
+            return self.entry(id);
+        }
+        let empty = Loaded::new(
+            Automerge::new().with_actor(self.inner.actor.clone()),
+            DocMeta {
+                namespace: namespace.to_string(),
+                ..DocMeta::default()
+            },
+        );
+        Ok(self.cache(*id, empty))
     }
 
     /// Find a document by its id or a unique prefix of it.
@@ -1363,20 +1403,7 @@ impl Repo {
                 .map_err(|e| Error::InvalidData(format!("change {i}: {e}")))?;
             parsed.push(c);
         }
-        let entry = match self.entry(id) {
-            Ok(e) => e,
-            Err(Error::NotFound(_)) => self.cache(
-                *id,
-                Loaded::new(
-                    Automerge::new().with_actor(self.inner.actor.clone()),
-                    DocMeta {
-                        namespace: namespace.to_string(),
-                        ..DocMeta::default()
-                    },
-                ),
-            ),
-            Err(e) => return Err(e),
-        };
+        let entry = self.entry_or_new(id, namespace)?;
         let mut l = lock(&entry);
         let schema = self.schema();
         let before_heads = l.doc.get_heads();
@@ -1640,8 +1667,9 @@ impl Repo {
         id: &DocId,
         f: impl FnOnce(&Store, &mut DocMeta) -> Result<T, StoreError>,
     ) -> Result<T, Error> {
-        // Always under the document's lock: a read-modify-write of the metadata racing a local
-        // write would put back an old `next_seq` (and the next write would reuse a seq).
+        // Always under the document's lock, or with it out of the cache under its stripe lock
+        // (which loading takes too): a read-modify-write of the metadata racing a local write
+        // would put back an old `next_seq` (and the next write would reuse a seq).
         let entry = {
             let _loading = self.loading(id);
             match self.cached(id) {
@@ -1848,6 +1876,41 @@ mod tests {
         assert!(!is_cached(&a, &id), "the least recently used leave first");
         ack_all(&a, &id);
         assert_eq!(a.status(&id).unwrap(), conflict);
+    }
+
+    /// Acks racing the creation of the documents they ack (a relay can ack a document as soon
+    /// as it is stored), through a cache of one: no ack is undone.
+    #[test]
+    fn acks_racing_creation_lose_nothing() {
+        let r = repo("alice", 1);
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let creator = {
+            let (r, done) = (r.clone(), done.clone());
+            std::thread::spawn(move || {
+                for i in 0..100 {
+                    note(&r, &format!("n{i}"));
+                }
+                done.store(true, std::sync::atomic::Ordering::SeqCst);
+            })
+        };
+        // Bounded: the creator ends, then one last pass.
+        for _ in 0..100_000 {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+            for id in r.outbox_docs().unwrap() {
+                ack_all(&r, &id);
+            }
+            if finished {
+                break;
+            }
+        }
+        creator.join().unwrap();
+        let docs = r.store().list().unwrap();
+        assert_eq!(docs.len(), 100);
+        for (id, stored) in docs {
+            assert_eq!(stored.pending, 0, "stored metadata of {id}");
+            assert_eq!(r.meta(&id).unwrap().pending, 0, "the loaded copy of {id}");
+            assert_eq!(r.status(&id).unwrap(), DocStatus::Synced);
+        }
     }
 
     /// Acks racing local changes while the cache of one document turns over on every call:
