@@ -892,12 +892,13 @@ fn premade_rows(client: &Runtime, sizes: &[usize], runs: usize) {
         .ok()
         .map(|n| n.get() - 1)
         .filter(|&last| last > 0);
+    // This thread's cores now, to give back to every thread after.
     let before = core.map(|c| {
-        let mut cores = cpu_set(0..c);
+        let mut now = cpu_set(0..0);
         // SAFETY: sched_getaffinity writes the set passed in and nothing else.
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&cores), &mut cores) };
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of_val(&now), &mut now) };
         set_all_threads(&cpu_set(0..c));
-        cores
+        now
     });
     let all = interleaved(sizes, runs, |d| {
         let mut notes = made[..d].to_vec();
