@@ -1305,8 +1305,12 @@ impl Repo {
 
     /// The sync status of a document.
     pub fn status(&self, id: &DocId) -> Result<DocStatus, Error> {
-        if self.cached(id).is_none() && lock(&self.inner.docs).clean.contains(id) {
-            // Known to have no open conflict: the metadata says the rest.
+        let known_clean = {
+            let docs = lock(&self.inner.docs);
+            !docs.loaded.contains_key(id) && docs.clean.contains(id)
+        };
+        if known_clean {
+            // Out of the cache with no open conflict: the metadata says the rest.
             if let Some(meta) = self.inner.store.meta(id)? {
                 if meta.quarantined.is_none() {
                     return Ok(self.status_of(id, &meta, Vec::new()));
@@ -1893,17 +1897,22 @@ mod tests {
                 done.store(true, std::sync::atomic::Ordering::SeqCst);
             })
         };
-        // Bounded: the creator ends, then one last pass.
-        for _ in 0..100_000 {
-            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+        let ack_outbox = || {
             for id in r.outbox_docs().unwrap() {
                 ack_all(&r, &id);
             }
+        };
+        // Acks while the creator runs and one pass after it ended (bounded), then one more
+        // for what is left if the bound came first.
+        for _ in 0..100_000 {
+            let finished = done.load(std::sync::atomic::Ordering::SeqCst);
+            ack_outbox();
             if finished {
                 break;
             }
         }
         creator.join().unwrap();
+        ack_outbox();
         let docs = r.store().list().unwrap();
         assert_eq!(docs.len(), 100);
         for (id, stored) in docs {
