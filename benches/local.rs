@@ -269,7 +269,7 @@ fn large_document() {
     drop(loaded);
 
     let dir = tempfile::tempdir().unwrap();
-    let id = tandem::DocId::random();
+    let id = tandem::DocId::generate();
     {
         let repo = Repo::open(dir.path(), RepoOptions::new("bench").schema(schema())).unwrap();
         repo.import(&id, &bytes).unwrap();

@@ -377,7 +377,7 @@ fn durable_acks(client: &Runtime, backend: Backend, conns: usize, total: usize) 
     let per_conn = (total / conns / BATCH).max(1) * BATCH;
     let work: Vec<Vec<(DocId, Vec<Vec<u8>>)>> = (0..conns)
         .map(|c| {
-            let doc = DocId::random();
+            let doc = DocId::generate();
             note_changes(per_conn, c)
                 .chunks(BATCH)
                 .map(|b| (doc, b.to_vec()))
@@ -519,7 +519,7 @@ fn fan_out(
     let n = ((rate as f64 * secs) as usize).max(1);
     let changes = note_changes(n, 0);
     let size = changes.iter().map(Vec::len).sum::<usize>() / n;
-    let doc = DocId::random();
+    let doc = DocId::generate();
     // What goes out: a push to the relay; to the broadcaster, the frame the relay would send
     // on, so the subscribers' work is the same.
     let frames: Vec<Vec<u8>> = changes
@@ -1157,7 +1157,7 @@ fn memory(client: &Runtime) {
     let conns = 8;
     let mut work: Vec<Vec<(DocId, Vec<Vec<u8>>)>> = vec![Vec::new(); conns];
     for i in 0..docs {
-        work[i % conns].push((DocId::random(), note_changes(3, i)));
+        work[i % conns].push((DocId::generate(), note_changes(3, i)));
     }
     client.block_on(async {
         let mut socks = open_many(addr, conns, conns).await;

@@ -13,16 +13,19 @@
 //! namespace and token per device, so no device pulls another's documents) and samod `Repo`s
 //! with in-memory storage. Not measured: TLS, a relay on another machine, the JS sync server.
 //!
-//! Sections (`TANDEM_BENCH_ONLY=create,fanout,sustained,reconnect,cold,floors` picks some):
+//! Sections (`TANDEM_BENCH_ONLY=create,alone,fanout,sustained,reconnect,cold,floors` picks
+//! some):
 //! - `create`: C = 4 devices create and sync D new documents (D = 500, 2,000 for both; 8,000
 //!   for tandem only): wall time, relay CPU (and tandem's log flushes per document), relay
 //!   RSS after; each tandem size runs 3 times (`TANDEM_VERSUS_REPEAT`), the sizes in turn,
-//!   and gives medians.
-//!   Then "relay alone": the same sizes pushed as pre-made notes (samod's kind) by 4 bare
+//!   and gives medians;
+//! - `alone` ("relay alone"): the same sizes pushed as pre-made notes (samod's kind) by 4 bare
 //!   connections with 8 pushes in flight each, so the relay sets the pace at every size,
 //!   and with the relay held to a core of its own (the last; this process, connections and
 //!   all, to the others meanwhile), so that nothing else shares its caches: its CPU per
-//!   document as the documents it holds grow, and nothing else;
+//!   document as the documents it holds grow, and nothing else (`scripts/cache-model.py`
+//!   runs this section under cachegrind: instructions and cache misses per document, which
+//!   a busy host does not blur);
 //! - `fanout`: one small change to 20 and to 100 subscribers of one document: p50/p99 from
 //!   the writer's change to each subscriber's change event;
 //! - `sustained`: 8 devices, each change then wait for the relay to have it, at rising
@@ -813,7 +816,12 @@ fn create_section(client: &Runtime) {
         "–".into(),
         "target: flat (≈ 1×)",
     );
-    premade_rows(client, &sizes, runs);
+}
+
+/// The relay alone at the create section's sizes (see [`premade_rows`]).
+fn alone_section(client: &Runtime) {
+    let sizes = [scaled(500), scaled(2_000), scaled(8_000)];
+    premade_rows(client, &sizes, repeats());
 }
 
 /// The first change of each of `n` new notes, made ahead of a run, with a new document id each.
@@ -826,7 +834,7 @@ fn premade_notes(n: usize) -> Vec<(DocId, Vec<u8>)> {
                 .expect("a change")
                 .raw_bytes()
                 .to_vec();
-            (DocId::random(), change)
+            (DocId::generate(), change)
         })
         .collect()
 }
@@ -1859,7 +1867,7 @@ fn floors(client: &Runtime) {
 async fn raw_acks(addr: SocketAddr, n: usize) -> Vec<Duration> {
     let ns = "acks";
     let mut ws = tandem_raw(addr, &token("acker", &[], &[ns])).await;
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let mut am = automerge::AutoCommit::new();
     let mut lat = Vec::with_capacity(n);
     for i in 0..n {
@@ -1947,8 +1955,9 @@ fn main() {
     println!("| measurement | tandem | samod | tandem better by | note |");
     println!("|---|---|---|---|---|");
     type Section = (&'static str, fn(&Runtime));
-    let sections: [Section; 6] = [
+    let sections: [Section; 7] = [
         ("create", create_section),
+        ("alone", alone_section),
         ("fanout", fanout_section),
         ("sustained", sustained_section),
         ("reconnect", reconnect_section),

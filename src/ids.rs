@@ -33,9 +33,29 @@ impl<'de> Deserialize<'de> for DocId {
 }
 
 impl DocId {
-    /// A fresh random id.
-    pub fn random() -> DocId {
-        DocId(rand::random())
+    /// A new id: the time it is made (milliseconds since the Unix epoch, modulo 2^32: the 4
+    /// low bytes, big-endian), then 12 random bytes. Ids made later sort after those made
+    /// earlier (within a 49.7-day cycle), so a store's keys for new documents (the device's
+    /// and the relay's: they start with the document id) go to one place in its ordered tree,
+    /// which stays in memory and in the CPU's caches however many documents the store holds,
+    /// not to a random place among all of them. The 96 random bits keep the ids made in one
+    /// millisecond apart. In base58 (as shown), ids made hours apart or more differ from
+    /// their first character on, as random ids do, so short prefixes stay useful; ids made in
+    /// the same second share about three first characters. Anyone who sees an id can tell
+    /// when in its cycle it was made.
+    pub fn generate() -> DocId {
+        let millis = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        DocId::at(millis, rand::random())
+    }
+
+    /// The id made at `millis` (ms since the Unix epoch) with `random` for the rest.
+    pub fn at(millis: u64, random: [u8; 12]) -> DocId {
+        let mut id = [0u8; 16];
+        id[..4].copy_from_slice(&(millis as u32).to_be_bytes());
+        id[4..].copy_from_slice(&random);
+        DocId(id)
     }
 
     /// The raw bytes.
@@ -109,12 +129,20 @@ mod tests {
 
     #[test]
     fn doc_id_round_trips_through_base58check() {
-        let id = DocId::random();
+        let id = DocId::generate();
         let s = id.to_string();
         assert_eq!(s.parse::<DocId>().unwrap(), id);
         assert!("not-an-id".parse::<DocId>().is_err());
         let mut broken = s.clone();
         broken.pop();
         assert!(broken.parse::<DocId>().is_err());
+    }
+
+    #[test]
+    fn doc_ids_sort_by_when_they_were_made() {
+        let earlier = DocId::at(1_700_000_000_000, [0xff; 12]);
+        let later = DocId::at(1_700_000_000_001, [0; 12]);
+        assert!(earlier.as_bytes() < later.as_bytes());
+        assert_ne!(DocId::generate(), DocId::generate());
     }
 }

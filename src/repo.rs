@@ -99,7 +99,7 @@ impl Entropy {
     fn doc_id(&self) -> DocId {
         match &self.seeded {
             Some(s) => DocId(lock(s).0.gen()),
-            None => DocId::random(),
+            None => DocId::generate(),
         }
     }
 

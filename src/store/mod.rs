@@ -710,7 +710,7 @@ mod tests {
             fsync: false,
             ..StoreOptions::default()
         };
-        let doc = DocId::random();
+        let doc = DocId::generate();
         let change = |i: u8| vec![i; 10];
         let mut all = Vec::new();
         let stale_after_compaction;
@@ -789,7 +789,7 @@ mod tests {
     #[test]
     fn compaction_counts_the_tail_it_leaves_and_keeps_the_outbox() {
         let store = Store::in_memory();
-        let doc = DocId::random();
+        let doc = DocId::generate();
         let mut meta = DocMeta::default();
         let big = vec![9u8; CHUNK * 2 + 1];
         let local = store.append(&doc, &mut meta, &[vec![1; 10]], true).unwrap();

@@ -238,7 +238,7 @@ async fn js_clients_share_a_document_through_the_relay_and_tandem_devices_see_it
     let denied = eve.cmd(json!({"op": "find", "id": id}));
     assert_eq!(denied["unavailable"], true);
     // A document nobody has is unavailable too.
-    let unknown = DocId::random().to_string();
+    let unknown = DocId::generate().to_string();
     let missing = b.cmd(json!({"op": "find", "id": unknown}));
     assert_eq!(missing["unavailable"], true, "{missing}");
     for p in [a, b, eve] {

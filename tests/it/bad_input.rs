@@ -145,7 +145,7 @@ fn a_truncated_import_is_refused_and_changes_nothing() {
         .create("note", json!({"title": "t", "body": "some body text"}))
         .unwrap();
     let bytes = a.export(&id).unwrap();
-    let other = tandem::DocId::random();
+    let other = tandem::DocId::generate();
     for cut in [0, 1, bytes.len() / 2, bytes.len() - 1] {
         let err = a.import(&other, &bytes[..cut]).unwrap_err();
         assert!(matches!(err, Error::InvalidData(_)), "cut at {cut}: {err}");
@@ -159,7 +159,7 @@ fn a_truncated_import_is_refused_and_changes_nothing() {
 #[test]
 fn remote_garbage_is_refused() {
     let a = tandem::Repo::in_memory(note_schema(), "alice").unwrap();
-    let id = tandem::DocId::random();
+    let id = tandem::DocId::generate();
     let err = a
         .apply_remote(&id, "default", &[vec![1, 2, 3]])
         .unwrap_err();

@@ -208,7 +208,7 @@ async fn postgres_unreachable_means_a_retryable_error_never_an_ack() {
     let relay = node(&via, None).await;
     let t = token("ada", &[], &["notes"], HOUR);
     let mut a = Raw::open(relay.addr, &t).await;
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(3);
     // The node's feed poll cannot tell who pushed what it reads from PostgreSQL: it waits a
     // poll for the pusher's own fan-out to mark the change delivered, and a fan-out slower
@@ -426,7 +426,7 @@ async fn kill_9_of_a_node_loses_no_acked_change_and_devices_resume_on_another() 
 async fn migrate_relay_moves_a_sled_relay_with_its_seqs_feed_and_identity_verified() {
     use tandem::relay::log::RelayLog;
     let dir = tempfile::tempdir().unwrap();
-    let docs: Vec<DocId> = (0..3).map(|_| DocId::random()).collect();
+    let docs: Vec<DocId> = (0..3).map(|_| DocId::generate()).collect();
     let (relay_id, feed, contents) = {
         let path = dir.path().to_path_buf();
         let docs = docs.clone();
@@ -501,7 +501,7 @@ fn three_writers_on_one_document_get_gap_free_causal_seqs_and_readers_never_see_
     use tandem::relay::postgres::PgLog;
     use tandem::relay::storage::RelayStore;
     let pg = crate::pg::fresh();
-    let doc = DocId::random();
+    let doc = DocId::generate();
     const PUSHES: usize = 60;
     let logs: Vec<std::sync::Arc<PgLog>> = (0..3)
         .map(|_| std::sync::Arc::new(PgLog::connect(&pg).unwrap()))
@@ -582,7 +582,7 @@ fn the_hot_cache_serves_committed_tails_and_a_flushed_or_stopped_redis_only_mean
     let cached = PgLog::connect(&pg).unwrap();
     cached.set_cache(&url);
     let plain = PgLog::connect(&pg).unwrap();
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(10);
     for c in cs.chunks(3) {
         cached.append("notes", &doc, c).unwrap();

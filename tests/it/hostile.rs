@@ -84,7 +84,7 @@ async fn hostile_inputs_get_typed_errors_and_leave_the_relay_healthy() {
     let ddir = tempfile::tempdir().unwrap();
     let device = open(ddir.path(), "healthy", note_schema());
     let note = device.create("note", json!({"title": "kept"})).unwrap();
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(3);
     let mut attacks: Vec<&str> = Vec::new();
     let mut check = |name: &'static str| {
@@ -263,7 +263,7 @@ async fn hostile_inputs_get_typed_errors_and_leave_the_relay_healthy() {
     nested.commit();
     let deep = nested.get_changes(&[])[0].raw_bytes().to_vec();
     assert!(matches!(
-        r.push("notes", DocId::random(), 9, vec![deep]).await,
+        r.push("notes", DocId::generate(), 9, vec![deep]).await,
         RelayMsg::Ack { .. }
     ));
     healthy!(check("deeply nested change"));
@@ -308,7 +308,7 @@ async fn hostile_inputs_get_typed_errors_and_leave_the_relay_healthy() {
     // relay's memory does not grow with what it would have had to buffer.
     let mut sink = Raw::open(addr, &t).await;
     let mut pusher = Raw::open(addr, &t).await;
-    let big_doc = DocId::random();
+    let big_doc = DocId::generate();
     let mut big = automerge::AutoCommit::new();
     let mut sent = 0;
     for i in 0..4000u64 {

@@ -23,7 +23,7 @@ async fn push_ack_dedupe_pull_feed_and_live_fan_out() {
     let t = token("ada", &[], &["notes"], HOUR);
     let mut a = Raw::open(relay.addr, &t).await;
     let mut b = Raw::open(relay.addr, &t).await;
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(5);
 
     let ack = a.push("notes", doc, 1, cs[..3].to_vec()).await;
@@ -139,7 +139,7 @@ async fn missing_history_and_reused_actor_seq_are_refused_and_store_nothing() {
     let relay = relay(None).await;
     let t = token("ada", &[], &["notes"], HOUR);
     let mut a = Raw::open(relay.addr, &t).await;
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(3);
     // Change 2 without change 1: the relay asks for the history.
     assert_eq!(
@@ -169,7 +169,7 @@ async fn missing_history_and_reused_actor_seq_are_refused_and_store_nothing() {
     assert_eq!(code_of(&m), Some(ErrorCode::HashMismatch), "{m:?}");
     // Both in one push, to a new document: refused as well.
     let m = a
-        .push("notes", DocId::random(), 5, vec![cs[0].clone(), forged])
+        .push("notes", DocId::generate(), 5, vec![cs[0].clone(), forged])
         .await;
     assert_eq!(code_of(&m), Some(ErrorCode::HashMismatch), "{m:?}");
     // A document's namespace is fixed by its first push.
@@ -188,7 +188,7 @@ async fn missing_history_and_reused_actor_seq_are_refused_and_store_nothing() {
 #[tokio::test]
 async fn auth_failures_are_typed_and_store_nothing() {
     let relay = relay(None).await;
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(1);
 
     // No token.
@@ -274,7 +274,7 @@ async fn auth_failures_are_typed_and_store_nothing() {
 async fn hostile_frames_get_errors_and_a_healthy_device_keeps_syncing() {
     let relay = relay(None).await;
     let t = token("ada", &[], &["notes"], HOUR);
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(2);
     let mut healthy = Raw::open(relay.addr, &t).await;
 
@@ -372,7 +372,7 @@ async fn a_compacted_log_is_served_as_snapshot_then_tail() {
     let relay = crate::wire::relay_with(None, |c| c.compact_after = 1_000_000).await;
     let t = token("ada", &[], &["notes"], HOUR);
     let mut a = Raw::open(relay.addr, &t).await;
-    let doc = DocId::random();
+    let doc = DocId::generate();
     let cs = changes(6);
     assert!(matches!(
         a.push("notes", doc, 1, cs[..4].to_vec()).await,
@@ -441,7 +441,7 @@ async fn a_connection_pushing_back_to_back_still_stops_on_shutdown() {
             tandem::transport::codec::encode(
                 &ClientMsg::Push {
                     namespace: "notes".into(),
-                    doc: DocId::random(),
+                    doc: DocId::generate(),
                     batch: i,
                     changes: cs.clone(),
                 },

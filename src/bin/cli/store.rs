@@ -759,7 +759,7 @@ pub fn import(cli: &Cli, args: &ImportArgs) -> CmdResult {
             .file_stem()
             .and_then(|s| s.to_str())
             .and_then(|s| s.parse::<DocId>().ok())
-            .unwrap_or_else(DocId::random),
+            .unwrap_or_else(DocId::generate),
     };
     let applied = repo.import(&id, &bytes)?;
     if cli.json {
