@@ -9,8 +9,9 @@ a tenth or more from run to run; these counts move by a few percent at most (thr
 they show whether the cost per document grows with the data held, and where (cg_annotate on the
 files kept in the output folder).
 
-The relay would start itself again with glibc's thread caches off; under valgrind it does not
-(docs/performance.md), so this sets the same tunable in the environment.
+A relay starts itself again to turn glibc's thread caches off; under valgrind it must not (the
+new process would run outside the tool), and setting the tunable in the environment, as this
+does, stops it.
 
 Usage: scripts/cache-model.py [--ll-bytes N] [--keep DIR]   (needs valgrind; ~2 minutes after
 the release build; honours CARGO_TARGET_DIR and TANDEM_BENCH_SCALE)
@@ -47,22 +48,37 @@ def summary(path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ll-bytes", type=int, default=2 << 20)
+    p.add_argument(
+        "--ll-bytes", type=int, default=2 << 20, help="a power of two (valgrind's rule)"
+    )
     p.add_argument("--keep", help="keep cachegrind's files in this folder")
     args = p.parse_args()
     if not shutil.which("valgrind"):
         sys.exit("cache-model.py: valgrind is not installed")
-    out = args.keep or tempfile.mkdtemp(prefix="tandem-cache-model-")
+    os.chdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    out = os.path.abspath(args.keep) if args.keep else tempfile.mkdtemp(prefix="tandem-cache-model-")
+    try:
+        run(args, out)
+    finally:
+        if not args.keep:
+            shutil.rmtree(out, ignore_errors=True)
+
+
+def run(args, out):
     os.makedirs(out, exist_ok=True)
     for old in glob.glob(os.path.join(out, "relay.*.out")):
         os.remove(old)
+    # As the bench sizes them (it truncates).
     scale = float(os.environ.get("TANDEM_BENCH_SCALE", "1"))
-    sizes = [max(1, round(d * scale)) for d in SIZES]
+    sizes = [max(1, int(d * scale)) for d in SIZES]
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if "glibc.malloc.tcache_count" not in tunables:
+        tunables = ":".join(t for t in [tunables, "glibc.malloc.tcache_count=0"] if t)
     env = dict(
         os.environ,
         TANDEM_BENCH_ONLY="alone",
         TANDEM_VERSUS_REPEAT="1",
-        GLIBC_TUNABLES="glibc.malloc.tcache_count=0",
+        GLIBC_TUNABLES=tunables,
         TANDEM_VERSUS_RELAY_WRAP=(
             f"valgrind --tool=cachegrind --cache-sim=yes --LL={args.ll_bytes},16,64 "
             f"--cachegrind-out-file={out}/relay.%p.out"
@@ -74,8 +90,9 @@ def main():
     files = glob.glob(os.path.join(out, "relay.*.out"))
     if len(files) != len(sizes):
         sys.exit(f"cache-model.py: {len(files)} relay profiles in {out}, expected {len(sizes)}")
-    # One relay per size, each started fresh: the one that ran more instructions held more.
-    runs = sorted(summary(f) for f in files)
+    # One relay per size, each started fresh, the sizes in turn: in the order of their pids.
+    pid = lambda f: int(os.path.basename(f).split(".")[1])
+    runs = [summary(f) for f in sorted(files, key=pid)]
     print(f"| documents | instructions/doc | L1 data misses/doc | {args.ll_bytes >> 10} KiB LL misses/doc |")
     print("|---|---|---|---|")
     for d, (ir, d1, ll) in zip(sizes, runs):
@@ -85,8 +102,6 @@ def main():
     print(
         f"| {sizes[0]} → {sizes[-1]} | {ratio[0]:.2f}× | {ratio[1]:.2f}× | {ratio[2]:.2f}× |"
     )
-    if not args.keep:
-        shutil.rmtree(out)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import sys
 import tempfile
 
 OUT = "src/bin/relay-hot-code.ld"
-SECTIONS = "create,fanout,sustained,reconnect,cold"
+SECTIONS = "create,alone,fanout,sustained,reconnect,cold"
 
 
 def strip_hash(name):

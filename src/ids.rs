@@ -1,5 +1,5 @@
-//! Identifiers: document ids (16 random bytes printed in base58check, as automerge-repo prints
-//! them, so ids map one to one) and device ids.
+//! Identifiers: document ids (16 bytes, the time they were made then random ones, printed in
+//! base58check as automerge-repo prints them, so ids map one to one) and device ids.
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,10 +39,12 @@ impl DocId {
     /// and the relay's: they start with the document id) go to one place in its ordered tree,
     /// which stays in memory and in the CPU's caches however many documents the store holds,
     /// not to a random place among all of them. The 96 random bits keep the ids made in one
-    /// millisecond apart. In base58 (as shown), ids made hours apart or more differ from
-    /// their first character on, as random ids do, so short prefixes stay useful; ids made in
-    /// the same second share about three first characters. Anyone who sees an id can tell
-    /// when in its cycle it was made.
+    /// millisecond apart. In base58 (as shown), ids made in the same second share their first
+    /// three or four characters, so a prefix that names one of them takes that many more than
+    /// with random ids; ids made an hour apart share about one. Only the random part may be
+    /// used to spread ids over buckets. Anyone who sees an id can tell when in its cycle it
+    /// was made. Documents made offline reach a relay later than newer ones, each next to the
+    /// others made at its time.
     pub fn generate() -> DocId {
         let millis = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)

@@ -786,7 +786,9 @@ impl Repo {
     }
 
     fn loading(&self, id: &DocId) -> MutexGuard<'_, ()> {
-        let stripe = u64::from_le_bytes(id.0[..8].try_into().unwrap_or_default());
+        // From the id's random part: its first bytes are the time it was made, which ids made
+        // hours apart share (see `DocId::generate`).
+        let stripe = u64::from_le_bytes(id.0[8..].try_into().unwrap_or_default());
         lock(&self.inner.loading[(stripe % LOADING_STRIPES as u64) as usize])
     }
 
