@@ -52,6 +52,12 @@ impl DocId {
         DocId::at(millis, rand::random())
     }
 
+    /// What [`generate`](Self::generate) was called before ids began with their time.
+    #[deprecated(note = "use DocId::generate")]
+    pub fn random() -> DocId {
+        DocId::generate()
+    }
+
     /// The id made at `millis` (ms since the Unix epoch) with `random` for the rest.
     pub fn at(millis: u64, random: [u8; 12]) -> DocId {
         let mut id = [0u8; 16];
